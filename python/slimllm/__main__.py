@@ -1,0 +1,3 @@
+from slimllm.cli import main
+
+raise SystemExit(main())

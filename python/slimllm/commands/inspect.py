@@ -1,0 +1,11 @@
+"""`python -m slimllm inspect` (placeholder until its issue lands)."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    raise NotImplementedError("inspect")
