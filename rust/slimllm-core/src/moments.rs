@@ -1,14 +1,29 @@
 //! Streaming activation statistics in f64 (DESIGN.md section 2, first paragraph; section 4).
 //!
-//! Inputs are row-major chunks of shape (tokens, features), f32 or f64; every sum is kept in
-//! f64 whatever the input type.
+//! Inputs are chunks of shape (tokens, features), f32 or f64, in any memory layout (a numpy
+//! C-order array arrives row-major); every sum is kept in f64 whatever the input type.
+//!
+//! Precision: [`Moments`] and [`PairedMoments`] accumulate internally about a *shift* c (the
+//! first row they see), i.e. Σ (x − c) and Σ (x − c)(x − c)ᵀ, and centre from those. This
+//! costs nothing and makes the centred statistics of a constant feature exactly zero (raw
+//! S − s sᵀ/n leaves rounding noise there), which is what the zero-variance guards of
+//! [`crate::heads`] and [`crate::recovery`] rely on. The raw sums returned by the accessors
+//! ([`Moments::sum`], [`Moments::gram`], [`PairedMoments::sums`]) are the documented Σ x and
+//! Σ x xᵀ.
 
-use faer::{Mat, MatRef, Par};
+use std::sync::OnceLock;
 
-use crate::error::Result;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, Mat, MatRef, Par};
+use rayon::prelude::*;
+
+use crate::error::{Result, SlimError};
 
 /// Scalar types an accumulator accepts (f32 and f64), upcast to f64 on the way in.
+///
+/// Sealed: only `f32` and `f64` implement it.
 pub trait Element: Copy + Send + Sync + 'static + private::Sealed {
+    /// Exact conversion to f64.
     fn to_f64(self) -> f64;
 }
 impl Element for f32 {
@@ -29,115 +44,692 @@ mod private {
     impl Sealed for f64 {}
 }
 
+// ---------------------------------------------------------------------------------------------
+// shared private helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `true` when the matrix is stored with unit row stride (column-major-like), so that walking
+/// down a column is contiguous.
+#[inline]
+fn walk_columns<T>(x: MatRef<'_, T>) -> bool {
+    x.row_stride().unsigned_abs() == 1 && x.col_stride().unsigned_abs() != 1
+}
+
+/// Lexicographically first (row, col) of a non-finite value of `x`, scanning in the order that
+/// suits its memory layout.
+pub(crate) fn first_non_finite<T: Element>(x: MatRef<'_, T>) -> Option<(usize, usize)> {
+    let (n, m) = x.shape();
+    if walk_columns(x) {
+        let mut best: Option<(usize, usize)> = None;
+        for c in 0..m {
+            let limit = best.map_or(n, |(r, _)| r);
+            for r in 0..limit {
+                if !x[(r, c)].to_f64().is_finite() {
+                    best = Some((r, c));
+                    break;
+                }
+            }
+        }
+        best
+    } else {
+        for r in 0..n {
+            for c in 0..m {
+                if !x[(r, c)].to_f64().is_finite() {
+                    return Some((r, c));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// `Err(NonFinite)` naming `what` if `x` holds a NaN or infinity.
+pub(crate) fn check_finite<T: Element>(x: MatRef<'_, T>, what: &str) -> Result<()> {
+    match first_non_finite(x) {
+        None => Ok(()),
+        Some((row, col)) => Err(SlimError::NonFinite {
+            what: what.to_string(),
+            row,
+            col,
+        }),
+    }
+}
+
+/// `Err(NonFinite)` naming `what` (row = index, col = 0) if the slice holds a NaN or infinity.
+pub(crate) fn check_finite_slice(x: &[f64], what: &str) -> Result<()> {
+    match x.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(row) => Err(SlimError::NonFinite {
+            what: what.to_string(),
+            row,
+            col: 0,
+        }),
+    }
+}
+
+pub(crate) fn shape_mismatch(what: impl Into<String>, expected: usize, got: usize) -> SlimError {
+    SlimError::ShapeMismatch {
+        what: what.into(),
+        expected,
+        got,
+    }
+}
+
+fn check_cols<T>(x: MatRef<'_, T>, dim: usize, what: &str) -> Result<()> {
+    if x.ncols() != dim {
+        return Err(shape_mismatch(format!("{what} columns"), dim, x.ncols()));
+    }
+    Ok(())
+}
+
+/// Mirror the strict lower triangle of a square matrix into its upper triangle.
+pub(crate) fn mirror_lower(a: &mut Mat<f64>) {
+    let n = a.nrows();
+    for j in 0..n {
+        for i in (j + 1)..n {
+            let v = a[(i, j)];
+            a[(j, i)] = v;
+        }
+    }
+}
+
+/// Number of rows as f64.
+#[inline]
+fn as_f64(n: u64) -> f64 {
+    n as f64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Moments
+// ---------------------------------------------------------------------------------------------
+
 /// First and second moments of a stream of feature vectors x (dimension `dim`):
-/// count n, sum s = Σ x (dim), Gram S = Σ x xᵀ (dim × dim), all f64.
-#[derive(Debug, Clone, PartialEq)]
+/// count n, sum s = Σ x (dim), Gram S = Σ x xᵀ (dim × dim), all f64 (DESIGN.md section 2).
+///
+/// Statistics derived from them: mean μ = s / n and the centred (population) covariance
+/// C = (S − s sᵀ / n) / n. Accumulators over disjoint parts of a stream can be
+/// [merged](Moments::merge).
+///
+/// Memory: one `dim × dim` f64 matrix (128 MiB for dim = 4096), plus a second one, built on
+/// first use, if [`Moments::gram`] is called.
+///
+/// ```rust
+/// use faer::{mat, Par};
+/// use slimllm_core::moments::Moments;
+///
+/// let mut m = Moments::new(2);
+/// m.update(mat![[1.0f32, 2.0], [3.0, 6.0]].as_ref(), Par::Seq)?;
+/// assert_eq!(m.count(), 2);
+/// assert_eq!(m.mean()?, vec![2.0, 4.0]);
+/// let c = m.covariance()?; // population covariance
+/// assert_eq!((c[(0, 0)], c[(0, 1)], c[(1, 1)]), (1.0, 2.0, 4.0));
+/// # Ok::<(), slimllm_core::SlimError>(())
+/// ```
+#[derive(Debug, Clone)]
 pub struct Moments {
-    /* fields: implementer's choice */
+    dim: usize,
+    count: u64,
+    /// Raw Σ x.
+    sum: Vec<f64>,
+    /// Shift c (the first row seen; zeros before that or after `from_parts`).
+    shift: Vec<f64>,
+    /// Σ (x − c).
+    csum: Vec<f64>,
+    /// Σ (x − c)(x − c)ᵀ, lower triangle only (upper triangle stays zero).
+    cgram: Mat<f64>,
+    /// Raw Gram S, both triangles, built on demand by `gram()`.
+    gram_cache: OnceLock<Mat<f64>>,
+}
+
+impl PartialEq for Moments {
+    fn eq(&self, other: &Self) -> bool {
+        self.dim == other.dim
+            && self.count == other.count
+            && self.sum == other.sum
+            && self.shift == other.shift
+            && self.csum == other.csum
+            && self.cgram == other.cgram
+    }
 }
 
 impl Moments {
     /// An empty accumulator for `dim` features.
     pub fn new(dim: usize) -> Self {
-        todo!()
+        Self {
+            dim,
+            count: 0,
+            sum: vec![0.0; dim],
+            shift: vec![0.0; dim],
+            csum: vec![0.0; dim],
+            cgram: Mat::zeros(dim, dim),
+            gram_cache: OnceLock::new(),
+        }
     }
+
+    /// Rebuild an accumulator from its raw parts: `count` rows with sum `sum` (length dim)
+    /// and Gram matrix `gram` (dim × dim, symmetric; its lower triangle is used), e.g. when
+    /// deserialising. Errors: `ShapeMismatch`, `NonFinite`.
+    pub fn from_parts(count: u64, sum: Vec<f64>, gram: MatRef<'_, f64>) -> Result<Self> {
+        let dim = sum.len();
+        if gram.nrows() != dim {
+            return Err(shape_mismatch("gram rows", dim, gram.nrows()));
+        }
+        check_cols(gram, dim, "gram")?;
+        check_finite_slice(&sum, "sum")?;
+        check_finite(gram, "gram")?;
+        let mut cgram = Mat::zeros(dim, dim);
+        for j in 0..dim {
+            for i in j..dim {
+                cgram[(i, j)] = gram[(i, j)];
+            }
+        }
+        Ok(Self {
+            dim,
+            count,
+            csum: sum.clone(),
+            sum,
+            shift: vec![0.0; dim],
+            cgram,
+            gram_cache: OnceLock::new(),
+        })
+    }
+
     /// Feature dimension.
     pub fn dim(&self) -> usize {
-        todo!()
+        self.dim
     }
     /// Number of rows (tokens) seen.
     pub fn count(&self) -> u64 {
-        todo!()
+        self.count
     }
     /// s = Σ x, length `dim`.
     pub fn sum(&self) -> &[f64] {
-        todo!()
+        &self.sum
     }
     /// S = Σ x xᵀ, `dim × dim` (symmetric, both triangles filled).
+    ///
+    /// Built from the internal shifted sums on the first call after an update (O(dim²)) and
+    /// cached until the next [`update`](Moments::update) / [`merge`](Moments::merge).
     pub fn gram(&self) -> MatRef<'_, f64> {
-        todo!()
+        self.gram_cache
+            .get_or_init(|| {
+                let n = as_f64(self.count);
+                let (c, cs) = (&self.shift, &self.csum);
+                let mut g = Mat::zeros(self.dim, self.dim);
+                for j in 0..self.dim {
+                    for i in j..self.dim {
+                        g[(i, j)] =
+                            self.cgram[(i, j)] + c[i] * cs[j] + cs[i] * c[j] + n * c[i] * c[j];
+                    }
+                }
+                mirror_lower(&mut g);
+                g
+            })
+            .as_ref()
     }
-    /// Add a chunk `x` of shape (tokens, dim). Errors: `ShapeMismatch` if `x.ncols() != dim`,
-    /// `NonFinite` (row, col of the first bad value) before anything is added.
+
+    /// Add a chunk `x` of shape (tokens, dim): n += tokens, s += Σ rows,
+    /// S += xᵀx (one f64 matrix product of the upcast chunk, `par` passed to faer).
+    ///
+    /// Errors: `ShapeMismatch` if `x.ncols() != dim`, `NonFinite` (row, col of the first bad
+    /// value in row-major order) before anything is added. An empty chunk is a no-op.
     pub fn update<T: Element>(&mut self, x: MatRef<'_, T>, par: Par) -> Result<()> {
-        todo!()
+        check_cols(x, self.dim, "x")?;
+        check_finite(x, "x")?;
+        let n = x.nrows();
+        if n == 0 {
+            return Ok(());
+        }
+        if self.count == 0 {
+            for c in 0..self.dim {
+                self.shift[c] = x[(0, c)].to_f64();
+            }
+        }
+        // Upcast and shift; keep the input's memory layout so the copy is contiguous.
+        let transposed = !walk_columns(x);
+        let xc: Mat<f64> = if transposed {
+            // (dim, tokens), column t = row t of x.
+            Mat::from_fn(self.dim, n, |c, r| x[(r, c)].to_f64() - self.shift[c])
+        } else {
+            Mat::from_fn(n, self.dim, |r, c| x[(r, c)].to_f64() - self.shift[c])
+        };
+        let xc_tok: MatRef<'_, f64> = if transposed {
+            xc.as_ref().transpose()
+        } else {
+            xc.as_ref()
+        };
+        // Sums: raw and shifted.
+        let mut s = vec![0.0; self.dim];
+        let mut cs = vec![0.0; self.dim];
+        if transposed {
+            for r in 0..n {
+                let col = xc.col(r);
+                for c in 0..self.dim {
+                    s[c] += x[(r, c)].to_f64();
+                    cs[c] += col[c];
+                }
+            }
+        } else {
+            for c in 0..self.dim {
+                let col = xc.col(c);
+                for r in 0..n {
+                    s[c] += x[(r, c)].to_f64();
+                    cs[c] += col[r];
+                }
+            }
+        }
+        self.sum.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+        self.csum.iter_mut().zip(&cs).for_each(|(a, b)| *a += b);
+        // Lower triangle of Σ (x-c)(x-c)^T: one (triangular) matrix product.
+        triangular::matmul(
+            self.cgram.as_mut(),
+            BlockStructure::TriangularLower,
+            Accum::Add,
+            xc_tok.transpose(),
+            BlockStructure::Rectangular,
+            xc_tok,
+            BlockStructure::Rectangular,
+            1.0,
+            par,
+        );
+        self.count += n as u64;
+        self.gram_cache = OnceLock::new();
+        Ok(())
     }
-    /// Add another accumulator's rows (same result as having seen both streams).
-    /// Errors: `ShapeMismatch` on different `dim`.
+
+    /// Add another accumulator's rows (same result as having seen both streams, up to
+    /// rounding). Errors: `ShapeMismatch` on different `dim`.
     pub fn merge(&mut self, other: &Moments) -> Result<()> {
-        todo!()
+        if other.dim != self.dim {
+            return Err(shape_mismatch("merged moments dim", self.dim, other.dim));
+        }
+        if other.count == 0 {
+            return Ok(());
+        }
+        if self.count == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        let no = as_f64(other.count);
+        // Re-express other's shifted sums about self's shift: x - c_s = (x - c_o) + delta.
+        let delta: Vec<f64> = (0..self.dim)
+            .map(|i| other.shift[i] - self.shift[i])
+            .collect();
+        let os = &other.csum;
+        for j in 0..self.dim {
+            for i in j..self.dim {
+                self.cgram[(i, j)] += other.cgram[(i, j)]
+                    + os[i] * delta[j]
+                    + delta[i] * os[j]
+                    + no * delta[i] * delta[j];
+            }
+        }
+        for i in 0..self.dim {
+            self.csum[i] += os[i] + no * delta[i];
+            self.sum[i] += other.sum[i];
+        }
+        self.count += other.count;
+        self.gram_cache = OnceLock::new();
+        Ok(())
     }
-    /// Mean μ = s / n. Errors: `EmptyAccumulator`.
+
+    /// Mean μ = s / n (computed as c + Σ(x − c)/n, exact for constant features).
+    /// Errors: `EmptyAccumulator`.
     pub fn mean(&self) -> Result<Vec<f64>> {
-        todo!()
+        let n = self.nonempty("moments (mean)")?;
+        Ok((0..self.dim)
+            .map(|i| self.shift[i] + self.csum[i] / n)
+            .collect())
     }
+
     /// Centred (population) covariance C = (S − s sᵀ / n) / n, `dim × dim`, symmetric.
+    /// Computed from the shifted sums, so a constant feature has exactly zero row/column.
     /// Errors: `EmptyAccumulator`.
     pub fn covariance(&self) -> Result<Mat<f64>> {
-        todo!()
+        let n = self.nonempty("moments (covariance)")?;
+        let cs = &self.csum;
+        let mut c = Mat::zeros(self.dim, self.dim);
+        for j in 0..self.dim {
+            let mj = cs[j] / n;
+            for i in j..self.dim {
+                c[(i, j)] = (self.cgram[(i, j)] - cs[i] * mj) / n;
+            }
+        }
+        mirror_lower(&mut c);
+        Ok(c)
+    }
+
+    /// Rows `rows` of the covariance: C[rows, :] (|rows| × dim), without building all of C.
+    /// Indices must be `< dim` (checked by the callers).
+    pub(crate) fn covariance_rows(&self, rows: &[usize]) -> Result<Mat<f64>> {
+        let n = self.nonempty("moments (covariance)")?;
+        let cs = &self.csum;
+        let g = |i: usize, j: usize| {
+            if i >= j {
+                self.cgram[(i, j)]
+            } else {
+                self.cgram[(j, i)]
+            }
+        };
+        Ok(Mat::from_fn(rows.len(), self.dim, |r, j| {
+            let i = rows[r];
+            (g(i, j) - cs[i] * (cs[j] / n)) / n
+        }))
+    }
+
+    fn nonempty(&self, what: &str) -> Result<f64> {
+        if self.count == 0 {
+            return Err(SlimError::EmptyAccumulator {
+                what: what.to_string(),
+            });
+        }
+        Ok(as_f64(self.count))
     }
 }
 
-/// The cheap variant: count and per-feature sum of squares Σ x_i² only (DESIGN.md section 3).
+// ---------------------------------------------------------------------------------------------
+// SquareSums
+// ---------------------------------------------------------------------------------------------
+
+/// The cheap variant: count and per-feature sum of squares Σ x_i² only (DESIGN.md section 3,
+/// the activation norms l = sqrt(Σ x²) of the channel score).
+///
+/// ```rust
+/// use faer::{mat, Par};
+/// use slimllm_core::moments::SquareSums;
+///
+/// let mut q = SquareSums::new(2);
+/// q.update(mat![[3.0f64, 1.0], [4.0, 0.0]].as_ref(), Par::Seq)?;
+/// assert_eq!(q.sum_squares(), &[25.0, 1.0]);
+/// assert_eq!(q.norms(), vec![5.0, 1.0]);
+/// # Ok::<(), slimllm_core::SlimError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct SquareSums {
-    /* fields: implementer's choice */
+    dim: usize,
+    count: u64,
+    sumsq: Vec<f64>,
 }
 
 impl SquareSums {
+    /// An empty accumulator for `dim` features.
     pub fn new(dim: usize) -> Self {
-        todo!()
+        Self {
+            dim,
+            count: 0,
+            sumsq: vec![0.0; dim],
+        }
     }
+    /// Feature dimension.
     pub fn dim(&self) -> usize {
-        todo!()
+        self.dim
     }
+    /// Number of rows (tokens) seen.
     pub fn count(&self) -> u64 {
-        todo!()
+        self.count
     }
     /// Σ x_i² per feature, length `dim`.
     pub fn sum_squares(&self) -> &[f64] {
-        todo!()
+        &self.sumsq
     }
-    /// Same errors as [`Moments::update`].
+    /// Add a chunk `x` of shape (tokens, dim). With `Par::Rayon` the rows are split between
+    /// threads. Same errors as [`Moments::update`], raised before anything is added.
     pub fn update<T: Element>(&mut self, x: MatRef<'_, T>, par: Par) -> Result<()> {
-        todo!()
+        check_cols(x, self.dim, "x")?;
+        check_finite(x, "x")?;
+        let (n, dim) = x.shape();
+        let partial = |r0: usize, r1: usize| -> Vec<f64> {
+            let mut acc = vec![0.0; dim];
+            if walk_columns(x) {
+                for (c, a) in acc.iter_mut().enumerate() {
+                    for r in r0..r1 {
+                        let v = x[(r, c)].to_f64();
+                        *a += v * v;
+                    }
+                }
+            } else {
+                for r in r0..r1 {
+                    for (c, a) in acc.iter_mut().enumerate() {
+                        let v = x[(r, c)].to_f64();
+                        *a += v * v;
+                    }
+                }
+            }
+            acc
+        };
+        let add = match par {
+            Par::Rayon(t) if n >= 2 * 64 => {
+                let chunks = t.get().min(n / 64).max(1);
+                let step = n.div_ceil(chunks);
+                (0..chunks)
+                    .into_par_iter()
+                    .map(|k| partial((k * step).min(n), ((k + 1) * step).min(n)))
+                    .reduce(
+                        || vec![0.0; dim],
+                        |mut a, b| {
+                            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                            a
+                        },
+                    )
+            }
+            _ => partial(0, n),
+        };
+        self.sumsq.iter_mut().zip(&add).for_each(|(s, a)| *s += a);
+        self.count += n as u64;
+        Ok(())
     }
+    /// Add another accumulator's rows. Errors: `ShapeMismatch` on different `dim`.
     pub fn merge(&mut self, other: &SquareSums) -> Result<()> {
-        todo!()
+        if other.dim != self.dim {
+            return Err(shape_mismatch(
+                "merged square sums dim",
+                self.dim,
+                other.dim,
+            ));
+        }
+        self.sumsq
+            .iter_mut()
+            .zip(&other.sumsq)
+            .for_each(|(s, o)| *s += o);
+        self.count += other.count;
+        Ok(())
     }
     /// l_i = sqrt(Σ x_i²) per feature (the paper's activation norm).
     pub fn norms(&self) -> Vec<f64> {
-        todo!()
+        self.sumsq.iter().map(|v| v.sqrt()).collect()
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// PairedMoments
+// ---------------------------------------------------------------------------------------------
 
 /// Per-coordinate cross statistics of two streams of equal width, a pruned output p and the
 /// full output f (DESIGN.md section 3, "Recovery"): n, Σp, Σf, Σp², Σf², Σp·f per coordinate.
 /// Feeds [`crate::recovery::affine_from_paired`].
+///
+/// ```rust
+/// use faer::mat;
+/// use slimllm_core::moments::PairedMoments;
+///
+/// let mut pm = PairedMoments::new(1);
+/// pm.update(mat![[1.0f64], [2.0]].as_ref(), mat![[3.0f64], [5.0]].as_ref())?;
+/// let (sp, sf, spp, sff, spf) = pm.sums();
+/// assert_eq!((sp[0], sf[0], spp[0], sff[0], spf[0]), (3.0, 8.0, 5.0, 34.0, 13.0));
+/// # Ok::<(), slimllm_core::SlimError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairedMoments {
-    /* fields: implementer's choice */
+    dim: usize,
+    count: u64,
+    // raw sums
+    sp: Vec<f64>,
+    sf: Vec<f64>,
+    spp: Vec<f64>,
+    sff: Vec<f64>,
+    spf: Vec<f64>,
+    // shifts (first row) and sums of shifted values
+    cp: Vec<f64>,
+    cf: Vec<f64>,
+    dp: Vec<f64>,
+    df: Vec<f64>,
+    dpp: Vec<f64>,
+    dpf: Vec<f64>,
+}
+
+/// Centred per-coordinate statistics: (mean p, mean f, var p, cov(p, f)), population.
+pub(crate) struct PairedCentred {
+    pub mean_p: Vec<f64>,
+    pub mean_f: Vec<f64>,
+    pub var_p: Vec<f64>,
+    pub cov_pf: Vec<f64>,
 }
 
 impl PairedMoments {
+    /// An empty accumulator for outputs of width `dim`.
     pub fn new(dim: usize) -> Self {
-        todo!()
+        let z = vec![0.0; dim];
+        Self {
+            dim,
+            count: 0,
+            sp: z.clone(),
+            sf: z.clone(),
+            spp: z.clone(),
+            sff: z.clone(),
+            spf: z.clone(),
+            cp: z.clone(),
+            cf: z.clone(),
+            dp: z.clone(),
+            df: z.clone(),
+            dpp: z.clone(),
+            dpf: z,
+        }
     }
+    /// Output width.
     pub fn dim(&self) -> usize {
-        todo!()
+        self.dim
     }
+    /// Number of rows (tokens) seen.
     pub fn count(&self) -> u64 {
-        todo!()
+        self.count
     }
-    /// Add chunks `pruned` and `full`, both (tokens, dim). Errors: `ShapeMismatch`, `NonFinite`.
+    /// Add chunks `pruned` and `full`, both (tokens, dim), row t of one paired with row t of
+    /// the other. Errors: `ShapeMismatch` (columns, or different token counts), `NonFinite`
+    /// (naming `pruned` or `full`), before anything is added.
     pub fn update<T: Element>(&mut self, pruned: MatRef<'_, T>, full: MatRef<'_, T>) -> Result<()> {
-        todo!()
+        check_cols(pruned, self.dim, "pruned")?;
+        check_cols(full, self.dim, "full")?;
+        if full.nrows() != pruned.nrows() {
+            return Err(shape_mismatch(
+                "full rows (tokens)",
+                pruned.nrows(),
+                full.nrows(),
+            ));
+        }
+        check_finite(pruned, "pruned")?;
+        check_finite(full, "full")?;
+        let n = pruned.nrows();
+        if n == 0 {
+            return Ok(());
+        }
+        if self.count == 0 {
+            for c in 0..self.dim {
+                self.cp[c] = pruned[(0, c)].to_f64();
+                self.cf[c] = full[(0, c)].to_f64();
+            }
+        }
+        for c in 0..self.dim {
+            let (cp, cf) = (self.cp[c], self.cf[c]);
+            let mut acc = [0.0f64; 8];
+            for r in 0..n {
+                let p = pruned[(r, c)].to_f64();
+                let f = full[(r, c)].to_f64();
+                acc[0] += p;
+                acc[1] += f;
+                acc[2] += p * p;
+                acc[3] += f * f;
+                acc[4] += p * f;
+                let (a, b) = (p - cp, f - cf);
+                acc[5] += a;
+                acc[6] += b;
+                acc[7] += a * a;
+                // cross term of the shifted values
+                self.dpf[c] += a * b;
+            }
+            self.sp[c] += acc[0];
+            self.sf[c] += acc[1];
+            self.spp[c] += acc[2];
+            self.sff[c] += acc[3];
+            self.spf[c] += acc[4];
+            self.dp[c] += acc[5];
+            self.df[c] += acc[6];
+            self.dpp[c] += acc[7];
+        }
+        self.count += n as u64;
+        Ok(())
     }
+    /// Add another accumulator's rows. Errors: `ShapeMismatch` on different `dim`.
     pub fn merge(&mut self, other: &PairedMoments) -> Result<()> {
-        todo!()
+        if other.dim != self.dim {
+            return Err(shape_mismatch(
+                "merged paired moments dim",
+                self.dim,
+                other.dim,
+            ));
+        }
+        if other.count == 0 {
+            return Ok(());
+        }
+        if self.count == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        let no = as_f64(other.count);
+        for c in 0..self.dim {
+            self.sp[c] += other.sp[c];
+            self.sf[c] += other.sf[c];
+            self.spp[c] += other.spp[c];
+            self.sff[c] += other.sff[c];
+            self.spf[c] += other.spf[c];
+            // p - cp_s = (p - cp_o) + ep, likewise for f
+            let ep = other.cp[c] - self.cp[c];
+            let ef = other.cf[c] - self.cf[c];
+            self.dpp[c] += other.dpp[c] + 2.0 * ep * other.dp[c] + no * ep * ep;
+            self.dpf[c] += other.dpf[c] + ep * other.df[c] + ef * other.dp[c] + no * ep * ef;
+            self.dp[c] += other.dp[c] + no * ep;
+            self.df[c] += other.df[c] + no * ef;
+        }
+        self.count += other.count;
+        Ok(())
     }
     /// Σp, Σf, Σp², Σf², Σp·f, each of length `dim`.
+    #[allow(clippy::type_complexity)]
     pub fn sums(&self) -> (&[f64], &[f64], &[f64], &[f64], &[f64]) {
-        todo!()
+        (&self.sp, &self.sf, &self.spp, &self.sff, &self.spf)
+    }
+
+    /// Means, variance of p and covariance of (p, f) per coordinate, from the shifted sums.
+    pub(crate) fn centred(&self) -> Result<PairedCentred> {
+        if self.count == 0 {
+            return Err(SlimError::EmptyAccumulator {
+                what: "paired moments".to_string(),
+            });
+        }
+        let n = as_f64(self.count);
+        let mut out = PairedCentred {
+            mean_p: Vec::with_capacity(self.dim),
+            mean_f: Vec::with_capacity(self.dim),
+            var_p: Vec::with_capacity(self.dim),
+            cov_pf: Vec::with_capacity(self.dim),
+        };
+        for c in 0..self.dim {
+            let mp = self.dp[c] / n;
+            let mf = self.df[c] / n;
+            out.mean_p.push(self.cp[c] + mp);
+            out.mean_f.push(self.cf[c] + mf);
+            out.var_p.push(self.dpp[c] / n - mp * mp);
+            out.cov_pf.push(self.dpf[c] / n - mp * mf);
+        }
+        Ok(out)
     }
 }
