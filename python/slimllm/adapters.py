@@ -1,0 +1,223 @@
+"""Architecture registry: where each model family keeps its decoder layers and projections.
+
+slimllm prunes the two structures every supported family shares (DESIGN.md sections 1-3):
+
+- attention: ``q_proj`` / ``k_proj`` / ``v_proj`` (rows = heads x head_dim) and ``o_proj``
+  (columns = heads x head_dim), with grouped-query attention (GQA): query head ``a`` reads
+  key/value head ``a // (H / G)`` (DESIGN.md section 2, GQA);
+- SwiGLU MLP: ``gate_proj`` / ``up_proj`` (rows = channels) and ``down_proj`` (columns =
+  channels) (DESIGN.md section 3).
+
+Families, keyed by ``config.model_type`` (transformers 5.x modeling code):
+
+========  ===============================================================================
+llama     Llama 1/2/3, SmolLM/SmolLM2, TinyLlama, ... (optional ``attention_bias``/``mlp_bias``)
+mistral   same layout as llama, no biases
+qwen2     q/k/v carry biases, o_proj and the MLP do not
+qwen3     explicit ``head_dim``; ``q_norm``/``k_norm`` are RMSNorms of size ``head_dim`` shared
+          by all heads, so they are untouched when heads are removed
+========  ===============================================================================
+
+Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<family>``
+(see :mod:`slimllm.modeling_slimllm`); they map to the same adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from slimllm.errors import UnsupportedArchitectureError
+
+__all__ = [
+    "LayerShape",
+    "ModelAdapter",
+    "get_adapter",
+    "supported_architectures",
+    "model_type_of",
+    "REMOTE_MODEL_TYPE_PREFIX",
+]
+
+#: Prefix of the ``model_type`` of slimllm checkpoints with per-layer shapes (remote code).
+REMOTE_MODEL_TYPE_PREFIX = "slimllm_"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Shape of one decoder layer (DESIGN.md notation: H, G, h, F).
+
+    ``num_heads`` query heads (H), ``num_kv_heads`` key/value heads (G, divides H),
+    ``head_dim`` (h), ``intermediate_size`` MLP channels (F). ``num_heads * head_dim`` is the
+    o_proj input width D.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+
+    @property
+    def attention_width(self) -> int:
+        """D = H * h, the q_proj output / o_proj input width."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """G * h, the k_proj / v_proj output width."""
+        return self.num_kv_heads * self.head_dim
+
+
+class ModelAdapter:
+    """Where one model family keeps its decoder layers and projections.
+
+    The default implementation fits every Llama-like family (``model.model.layers[i]`` with
+    ``.self_attn`` and ``.mlp``); subclasses override what differs.
+    """
+
+    name: str = "llama"
+    #: projections of the attention module, in q, k, v, o order
+    attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    #: projections of the MLP, in gate, up, down order
+    mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    #: per-head modules of size head_dim shared by all heads (qwen3: q_norm, k_norm)
+    shared_head_norms: tuple[str, ...] = ()
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (``LlamaModel`` etc.) of a ``*ForCausalLM`` or of itself."""
+        inner = getattr(model, "model", None)
+        if inner is not None and hasattr(inner, "layers"):
+            return inner
+        if hasattr(model, "layers"):
+            return model
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no decoder layers where the {self.name} adapter looks "
+            "for them (model.model.layers)"
+        )
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers, a ``ModuleList`` of length ``config.num_hidden_layers``."""
+        return self.base_model(model).layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        """The attention module of a decoder layer (has q_proj, k_proj, v_proj, o_proj)."""
+        return layer.self_attn
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        """The MLP module of a decoder layer (has gate_proj, up_proj, down_proj)."""
+        return layer.mlp
+
+    def head_dim(self, layer: nn.Module) -> int:
+        """h, the size of one head (``attention.head_dim``)."""
+        attn = self.attention(layer)
+        head_dim = getattr(attn, "head_dim", None)
+        if head_dim is None:  # pragma: no cover - every supported family sets it
+            config = attn.config
+            head_dim = getattr(config, "head_dim", None) or (
+                config.hidden_size // config.num_attention_heads
+            )
+        return int(head_dim)
+
+    def layer_shape(self, layer: nn.Module) -> LayerShape:
+        """The current shape of a decoder layer, read from its Linear modules (not the config,
+        which keeps the dense template values while layers are being pruned)."""
+        attn = self.attention(layer)
+        mlp = self.mlp(layer)
+        h = self.head_dim(layer)
+        return LayerShape(
+            num_heads=attn.q_proj.out_features // h,
+            num_kv_heads=attn.k_proj.out_features // h,
+            head_dim=h,
+            intermediate_size=mlp.gate_proj.out_features,
+        )
+
+    def layer_shapes(self, model: nn.Module) -> list[LayerShape]:
+        """``layer_shape`` of every decoder layer, in order."""
+        return [self.layer_shape(layer) for layer in self.layers(model)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class LlamaAdapter(ModelAdapter):
+    """Llama family (also SmolLM2, whose config is a LlamaConfig)."""
+
+    name = "llama"
+
+
+class MistralAdapter(ModelAdapter):
+    """Mistral: Llama layout without biases."""
+
+    name = "mistral"
+
+
+class Qwen2Adapter(ModelAdapter):
+    """Qwen2: q/k/v biases (sliced with their rows)."""
+
+    name = "qwen2"
+
+
+class Qwen3Adapter(ModelAdapter):
+    """Qwen3: explicit head_dim and per-head q_norm/k_norm of size head_dim, shared by heads."""
+
+    name = "qwen3"
+    shared_head_norms = ("q_norm", "k_norm")
+
+
+_REGISTRY: dict[str, ModelAdapter] = {
+    adapter.name: adapter
+    for adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter())
+}
+
+
+def supported_architectures() -> list[str]:
+    """The ``model_type`` values slimllm has adapters for, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_type_of(model_or_config: Any) -> str:
+    """``model_type`` of a model, a config, a config dict or a string; ``slimllm_<family>`` is
+    reported as ``<family>``. Raises UnsupportedArchitectureError when there is none."""
+    obj = model_or_config
+    if isinstance(obj, str):
+        model_type = obj
+    else:
+        if isinstance(obj, dict):
+            model_type = obj.get("model_type")
+        else:
+            config = getattr(obj, "config", obj)
+            if hasattr(config, "get_text_config"):
+                try:
+                    config = config.get_text_config(decoder=True)
+                except (TypeError, ValueError):  # pragma: no cover - older signatures
+                    config = config.get_text_config()
+            model_type = getattr(config, "model_type", None)
+        if not model_type:
+            raise UnsupportedArchitectureError(
+                f"cannot tell the architecture of {type(obj).__name__} (no config.model_type); "
+                f"supported: {', '.join(supported_architectures())}"
+            )
+    if model_type.startswith(REMOTE_MODEL_TYPE_PREFIX):
+        model_type = model_type[len(REMOTE_MODEL_TYPE_PREFIX) :]
+    return model_type
+
+
+def get_adapter(model_or_config: Any) -> ModelAdapter:
+    """The adapter for a model, a config (or config dict), or a ``model_type`` string.
+
+    Keyed by ``config.model_type``: ``llama`` (SmolLM2 too), ``mistral``, ``qwen2``, ``qwen3``
+    and their slimllm per-layer variants ``slimllm_<family>``.
+
+    Raises:
+        UnsupportedArchitectureError: any other family; the message names the architecture
+            and lists the supported ones.
+    """
+    model_type = model_type_of(model_or_config)
+    adapter = _REGISTRY.get(model_type)
+    if adapter is None:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported by slimllm; "
+            f"supported: {', '.join(supported_architectures())}"
+        )
+    return adapter

@@ -1,0 +1,207 @@
+"""Remote code of slimllm-pruned checkpoints whose layers have different shapes.
+
+slimllm copies this file into every checkpoint it cannot describe with a stock config (per-layer
+shapes, or recovery biases the stock family has no place for; DESIGN.md section 6). The folder's
+``config.json`` then has ``model_type`` ``slimllm_<family>``, an ``auto_map`` pointing here and a
+``slimllm_layers`` list, one entry per decoder layer::
+
+    {"num_heads": 6, "num_kv_heads": 3, "head_dim": 64, "intermediate_size": 1200,
+     "bias": ["o_proj", "down_proj"]}
+
+``bias`` names the projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+that carry a bias. Every other config field is the base family's, with the dense template values
+(``num_attention_heads`` etc. are those of the model before pruning, so the stock validation
+passes); the per-layer entries override them. The model is the base family's ``*ForCausalLM``
+whose layers' Linear modules are resized (biases included) right after construction, so the
+state-dict keys are the stock ones.
+
+Loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` or, without
+remote code, ``slimllm.checkpoint.load_pruned(DIR)`` (which imports this module from the package).
+
+Self-contained on purpose: it imports only torch and transformers.
+"""
+
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+#: config key holding the per-layer shapes
+LAYERS_KEY = "slimllm_layers"
+#: model_type prefix of slimllm per-layer configs
+MODEL_TYPE_PREFIX = "slimllm_"
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _spec_int(spec, key, layer_idx):
+    value = spec.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"slimllm_layers[{layer_idx}].{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _new_linear(old, in_features, out_features, bias):
+    weight = old.weight
+    return nn.Linear(in_features, out_features, bias=bias, device=weight.device, dtype=weight.dtype)
+
+
+def apply_layer_shapes(model, layers):
+    """Resize the q/k/v/o and gate/up/down Linear modules of every decoder layer of ``model``
+    (a Llama-like ``*ForCausalLM``) to the shapes in ``layers`` (the ``slimllm_layers`` list),
+    creating or dropping biases as listed, and update the attention modules' head bookkeeping
+    (``num_key_value_groups``). New modules keep the old ones' dtype and device; their values
+    are whatever ``nn.Linear`` initialises (the checkpoint overwrites them)."""
+    decoder_layers = model.model.layers
+    if layers is None or len(layers) != len(decoder_layers):
+        raise ValueError(
+            f"config.{LAYERS_KEY} must list {len(decoder_layers)} layers, got "
+            f"{None if layers is None else len(layers)}"
+        )
+    hidden = model.config.hidden_size
+    for idx, (layer, spec) in enumerate(zip(decoder_layers, layers)):
+        attn, mlp = layer.self_attn, layer.mlp
+        num_heads = _spec_int(spec, "num_heads", idx)
+        num_kv_heads = _spec_int(spec, "num_kv_heads", idx)
+        head_dim = _spec_int(spec, "head_dim", idx)
+        intermediate = _spec_int(spec, "intermediate_size", idx)
+        if head_dim != attn.head_dim:
+            raise ValueError(
+                f"slimllm_layers[{idx}].head_dim={head_dim} differs from the model's head_dim "
+                f"{attn.head_dim} (rotary embeddings are shared by all layers)"
+            )
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"slimllm_layers[{idx}]: {num_heads} query heads are not a multiple of "
+                f"{num_kv_heads} key/value heads"
+            )
+        biased = set(spec.get("bias", ()))
+        unknown = biased - set(ATTENTION_PROJECTIONS) - set(MLP_PROJECTIONS)
+        if unknown:
+            raise ValueError(f"slimllm_layers[{idx}].bias names unknown projections {sorted(unknown)}")
+        attn_shapes = {
+            "q_proj": (hidden, num_heads * head_dim),
+            "k_proj": (hidden, num_kv_heads * head_dim),
+            "v_proj": (hidden, num_kv_heads * head_dim),
+            "o_proj": (num_heads * head_dim, hidden),
+        }
+        mlp_shapes = {
+            "gate_proj": (hidden, intermediate),
+            "up_proj": (hidden, intermediate),
+            "down_proj": (intermediate, hidden),
+        }
+        for module, shapes in ((attn, attn_shapes), (mlp, mlp_shapes)):
+            for name, (in_features, out_features) in shapes.items():
+                old = getattr(module, name)
+                setattr(module, name, _new_linear(old, in_features, out_features, name in biased))
+        attn.num_key_value_groups = num_heads // num_kv_heads
+        for attribute, value in (
+            ("num_heads", num_heads),
+            ("num_attention_heads", num_heads),
+            ("num_key_value_heads", num_kv_heads),
+        ):
+            if hasattr(attn, attribute):
+                setattr(attn, attribute, value)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = intermediate
+    return model
+
+
+class SlimLLMLlamaConfig(LlamaConfig):
+    """LlamaConfig plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_llama"
+
+
+class SlimLLMMistralConfig(MistralConfig):
+    """MistralConfig plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_mistral"
+
+
+class SlimLLMQwen2Config(Qwen2Config):
+    """Qwen2Config plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_qwen2"
+
+
+class SlimLLMQwen3Config(Qwen3Config):
+    """Qwen3Config plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_qwen3"
+
+
+class SlimLLMLlamaForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM with per-layer head counts, intermediate sizes and biases."""
+
+    config_class = SlimLLMLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
+class SlimLLMMistralForCausalLM(MistralForCausalLM):
+    """MistralForCausalLM with per-layer head counts, intermediate sizes and biases."""
+
+    config_class = SlimLLMMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
+class SlimLLMQwen2ForCausalLM(Qwen2ForCausalLM):
+    """Qwen2ForCausalLM with per-layer head counts, intermediate sizes and biases."""
+
+    config_class = SlimLLMQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
+class SlimLLMQwen3ForCausalLM(Qwen3ForCausalLM):
+    """Qwen3ForCausalLM with per-layer head counts, intermediate sizes and biases."""
+
+    config_class = SlimLLMQwen3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
+#: base family -> (config class, model class)
+FAMILIES = {
+    "llama": (SlimLLMLlamaConfig, SlimLLMLlamaForCausalLM),
+    "mistral": (SlimLLMMistralConfig, SlimLLMMistralForCausalLM),
+    "qwen2": (SlimLLMQwen2Config, SlimLLMQwen2ForCausalLM),
+    "qwen3": (SlimLLMQwen3Config, SlimLLMQwen3ForCausalLM),
+}
+
+
+def auto_map(family):
+    """The ``auto_map`` entry of a config.json of the family ``family`` (this file's name)."""
+    config_cls, model_cls = FAMILIES[family]
+    module = __name__.rsplit(".", 1)[-1]
+    return {
+        "AutoConfig": f"{module}.{config_cls.__name__}",
+        "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+    }
+
+
+__all__ = [
+    "LAYERS_KEY",
+    "MODEL_TYPE_PREFIX",
+    "FAMILIES",
+    "apply_layer_shapes",
+    "auto_map",
+    *(cls.__name__ for pair in FAMILIES.values() for cls in pair),
+]
