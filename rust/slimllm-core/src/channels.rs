@@ -56,13 +56,41 @@ fn check_nonneg(x: &[f64], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// PCA weights of the output: eigen-decomposition C = V diag(λ) Vᵀ of the symmetric `y_cov`
-/// (lower triangle read) by faer's self-adjoint solver, and w_k = sigmoid(|λ_k| / mean|λ|)
-/// (all 0.5 when mean|λ| = 0). Returns (V (d × d, columns = eigenvectors), w, λ ascending).
-pub(crate) fn pca_weights(
-    y_cov: MatRef<'_, f64>,
-    par: Par,
-) -> Result<(Mat<f64>, Vec<f64>, Vec<f64>)> {
+/// Principal components of the MLP output used by [`channel_scores`] (DESIGN.md section 3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputPca {
+    /// Eigenvectors V (d × d), column k belongs to `values[k]`; orthonormal.
+    pub vectors: Mat<f64>,
+    /// Eigenvalues λ (d), nondecreasing.
+    pub values: Vec<f64>,
+    /// w_k = sigmoid(|λ_k| / mean|λ|), all 0.5 when mean|λ| = 0 (d).
+    pub weights: Vec<f64>,
+}
+
+/// Eigen-decomposition C = V diag(λ) Vᵀ of the symmetric output covariance `y_cov` (d × d,
+/// lower triangle read) by faer's self-adjoint solver (DESIGN.md section 7: not the general
+/// solver of the authors' code), and the PCA weights w_k = sigmoid(|λ_k| / mean|λ|).
+/// `par` is passed to faer. Errors: `ShapeMismatch` (not square), `NonFinite` (also used
+/// if the solver does not converge).
+pub fn output_pca(y_cov: MatRef<'_, f64>, par: Par) -> Result<OutputPca> {
+    if y_cov.nrows() != y_cov.ncols() {
+        return Err(shape_mismatch(
+            "y_cov columns (square)",
+            y_cov.nrows(),
+            y_cov.ncols(),
+        ));
+    }
+    check_finite(y_cov, "y_cov")?;
+    let (vectors, weights, values) = pca_weights(y_cov, par)?;
+    Ok(OutputPca {
+        vectors,
+        values,
+        weights,
+    })
+}
+
+/// (V, w, λ) of [`output_pca`], inputs already checked.
+fn pca_weights(y_cov: MatRef<'_, f64>, par: Par) -> Result<(Mat<f64>, Vec<f64>, Vec<f64>)> {
     let d = y_cov.nrows();
     let mut v = Mat::<f64>::zeros(d, d);
     let mut s = Diag::<f64>::zeros(d);

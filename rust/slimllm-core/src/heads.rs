@@ -72,6 +72,17 @@ impl HeadPairStats {
         num_heads: usize,
         par: Par,
     ) -> Result<Self> {
+        Self::compute_chunked(cov, w_o, num_heads, par, None)
+    }
+
+    /// [`HeadPairStats::compute`] with an explicit number of heads per product chunk.
+    pub(crate) fn compute_chunked(
+        cov: MatRef<'_, f64>,
+        w_o: MatRef<'_, f64>,
+        num_heads: usize,
+        par: Par,
+        chunk: Option<usize>,
+    ) -> Result<Self> {
         if cov.ncols() != cov.nrows() {
             return Err(shape_mismatch(
                 "cov columns (square)",
@@ -109,7 +120,7 @@ impl HeadPairStats {
         // W_o^T, column-major (D x d): column j is row j of W_o, contiguous.
         let wt: Mat<f64> = w_o.transpose().to_owned();
         // Rows per product chunk: a multiple of h, about 4 Mi elements of Q.
-        let chunk_heads = ((1usize << 22) / (h * d).max(1)).max(1);
+        let chunk_heads = chunk.unwrap_or(((1usize << 22) / (h * d).max(1)).max(1));
 
         // For head b: M[a, b, j] for a = b..H, as a vec (H - b, d).
         let block = |b: usize, inner: Par| -> Vec<f64> {
@@ -596,5 +607,47 @@ fn search(m: &HeadPairStats, group_of: &[usize], quota: &[usize], greedy: bool) 
         objective: current,
         initial_objective,
         swaps,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_products_equal_unchunked() {
+        let (hh, h, d) = (7, 3, 5);
+        let n = hh * h;
+        // a symmetric positive semi-definite "covariance" and a w_o with simple entries
+        let a = Mat::from_fn(n, n, |i, j| ((i * 7 + j * 3) % 11) as f64 / 11.0 - 0.4);
+        let cov = a.as_ref() * a.as_ref().transpose();
+        let w_o = Mat::from_fn(d, n, |j, i| ((j * 5 + i * 2) % 9) as f64 / 9.0 - 0.5);
+        let full = HeadPairStats::compute(cov.as_ref(), w_o.as_ref(), hh, Par::Seq).unwrap();
+        for chunk in [1, 2, 3, 7, 100] {
+            let c = HeadPairStats::compute_chunked(
+                cov.as_ref(),
+                w_o.as_ref(),
+                hh,
+                Par::Seq,
+                Some(chunk),
+            )
+            .unwrap();
+            for (x, y) in c.as_slice().iter().zip(full.as_slice()) {
+                assert!((x - y).abs() < 1e-12, "chunk {chunk}");
+            }
+        }
+        // M is symmetric in (a, b)
+        for a in 0..hh {
+            for b in 0..hh {
+                assert_eq!(full.pair(a, b), full.pair(b, a));
+            }
+        }
+    }
+
+    #[test]
+    fn abs_rho_guards() {
+        assert_eq!(abs_rho(1.0, 0.0, 1.0), 0.0);
+        assert_eq!(abs_rho(1.0, 1.0, -1e-300), 0.0);
+        assert_eq!(abs_rho(-2.0, 4.0, 1.0), 1.0);
     }
 }

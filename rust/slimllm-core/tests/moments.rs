@@ -1,0 +1,359 @@
+//! Moments, SquareSums, PairedMoments against naive per-row loops.
+mod common;
+
+use common::*;
+use faer::{Mat, Par};
+use slimllm_core::moments::{Moments, PairedMoments, SquareSums};
+use slimllm_core::SlimError;
+
+fn par2() -> Par {
+    Par::rayon(2)
+}
+
+/// Naive Σx and Σ x xᵀ by per-row loops.
+fn naive_raw(x: &Mat<f64>) -> (Vec<f64>, Mat<f64>) {
+    let d = x.ncols();
+    let mut s = vec![0.0; d];
+    let mut g = Mat::zeros(d, d);
+    for t in 0..x.nrows() {
+        for i in 0..d {
+            s[i] += x[(t, i)];
+            for j in 0..d {
+                g[(i, j)] += x[(t, i)] * x[(t, j)];
+            }
+        }
+    }
+    (s, g)
+}
+
+#[test]
+fn update_matches_naive_loops_both_layouts_and_par() {
+    let mut r = rng(1);
+    let (n, d) = (300, 17);
+    let x = correlated(&mut r, n, d, 3.0);
+    let (s, g) = naive_raw(&x);
+    let scale = max_abs(&g);
+    // column-major input, chunks of uneven size, sequential
+    let mut a = Moments::new(d);
+    for (r0, r1) in [(0, 1), (1, 64), (64, 65), (65, 300)] {
+        a.update(x.as_ref().subrows(r0, r1 - r0), Par::Seq).unwrap();
+    }
+    // row-major input (transpose of a column-major (d, n) matrix), parallel
+    let xt = x.transpose().to_owned();
+    let mut b = Moments::new(d);
+    b.update(xt.as_ref().transpose(), par2()).unwrap();
+    for m in [&a, &b] {
+        assert_eq!(m.count(), n as u64);
+        assert_eq!(m.dim(), d);
+        assert!(max_abs_diff_vec(m.sum(), &s) < 1e-11 * n as f64);
+        assert!(max_abs_diff(&m.gram().to_owned(), &g) < 1e-13 * n as f64 * scale);
+        let gm = m.gram();
+        for i in 0..d {
+            for j in 0..d {
+                assert_eq!(gm[(i, j)], gm[(j, i)], "gram not symmetric");
+            }
+        }
+    }
+}
+
+#[test]
+fn covariance_and_mean_match_two_pass() {
+    let mut r = rng(2);
+    let (n, d) = (500, 12);
+    let x = correlated(&mut r, n, d, 5.0);
+    let mut m = Moments::new(d);
+    m.update(x.as_ref(), Par::Seq).unwrap();
+    let c = m.covariance().unwrap();
+    let cn = naive_cov(&x);
+    assert!(max_abs_diff(&c, &cn) < 1e-12 * n as f64 * max_abs(&cn));
+    assert!(max_abs_diff_vec(&m.mean().unwrap(), &naive_mean(&x)) < 1e-12 * n as f64);
+    for i in 0..d {
+        for j in 0..d {
+            assert_eq!(c[(i, j)], c[(j, i)]);
+        }
+    }
+}
+
+#[test]
+fn covariance_precise_with_large_offset() {
+    // mean 1e6, unit-scale spread: the shifted accumulation keeps ~all digits.
+    let mut r = rng(3);
+    let (n, d) = (400, 6);
+    let mut x = randn(&mut r, n, d);
+    let base = x.clone();
+    for t in 0..n {
+        for j in 0..d {
+            x[(t, j)] += 1e6 * (j + 1) as f64;
+        }
+    }
+    let mut m = Moments::new(d);
+    m.update(x.as_ref(), Par::Seq).unwrap();
+    let c = m.covariance().unwrap();
+    let cn = naive_cov(&base);
+    assert!(max_abs_diff(&c, &cn) < 1e-7, "{}", max_abs_diff(&c, &cn));
+}
+
+#[test]
+fn merge_of_halves_equals_one_shot() {
+    let mut r = rng(4);
+    let (n, d) = (257, 9);
+    let x = correlated(&mut r, n, d, 2.0);
+    let mut one = Moments::new(d);
+    one.update(x.as_ref(), Par::Seq).unwrap();
+    let mut h1 = Moments::new(d);
+    let mut h2 = Moments::new(d);
+    h1.update(x.as_ref().subrows(0, 100), Par::Seq).unwrap();
+    h2.update(x.as_ref().subrows(100, n - 100), Par::Seq)
+        .unwrap();
+    // different shifts on both sides
+    let mut merged = h1.clone();
+    merged.merge(&h2).unwrap();
+    // merge into an empty accumulator, and an empty into a full one
+    let mut from_empty = Moments::new(d);
+    from_empty.merge(&h1).unwrap();
+    from_empty.merge(&Moments::new(d)).unwrap();
+    from_empty.merge(&h2).unwrap();
+    let scale = max_abs(&one.gram().to_owned());
+    for m in [&merged, &from_empty] {
+        assert_eq!(m.count(), n as u64);
+        assert!(max_abs_diff_vec(m.sum(), one.sum()) < 1e-11 * n as f64);
+        assert!(
+            max_abs_diff(&m.gram().to_owned(), &one.gram().to_owned()) < 1e-13 * n as f64 * scale
+        );
+        assert!(
+            max_abs_diff(&m.covariance().unwrap(), &one.covariance().unwrap())
+                < 1e-12 * n as f64 * max_abs(&one.covariance().unwrap())
+        );
+        assert!(max_abs_diff_vec(&m.mean().unwrap(), &one.mean().unwrap()) < 1e-12);
+    }
+}
+
+#[test]
+fn f32_input_is_upcast_exactly() {
+    let mut r = rng(5);
+    let (n, d) = (64, 5);
+    let x = randn(&mut r, n, d);
+    let x32 = Mat::<f32>::from_fn(n, d, |i, j| x[(i, j)] as f32);
+    let x64 = Mat::<f64>::from_fn(n, d, |i, j| x32[(i, j)] as f64);
+    let mut a = Moments::new(d);
+    let mut b = Moments::new(d);
+    a.update(x32.as_ref(), Par::Seq).unwrap();
+    b.update(x64.as_ref(), Par::Seq).unwrap();
+    assert_eq!(a, b);
+    let mut qa = SquareSums::new(d);
+    let mut qb = SquareSums::new(d);
+    qa.update(x32.as_ref(), Par::Seq).unwrap();
+    qb.update(x64.as_ref(), Par::Seq).unwrap();
+    assert_eq!(qa, qb);
+}
+
+#[test]
+fn constant_data_has_exactly_zero_covariance() {
+    let d = 4;
+    let x = Mat::<f64>::from_fn(50, d, |_, j| 0.1 + j as f64 * 1.7);
+    let mut m = Moments::new(d);
+    m.update(x.as_ref().subrows(0, 20), Par::Seq).unwrap();
+    m.update(x.as_ref().subrows(20, 30), Par::Seq).unwrap();
+    let c = m.covariance().unwrap();
+    assert_eq!(max_abs(&c), 0.0);
+    assert_eq!(
+        m.mean().unwrap(),
+        (0..d).map(|j| 0.1 + j as f64 * 1.7).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn non_finite_is_reported_with_first_row_and_col_and_nothing_added() {
+    let (n, d) = (10, 4);
+    for row_major in [false, true] {
+        let mut x = Mat::<f64>::from_fn(n, d, |i, j| (i * d + j) as f64);
+        x[(7, 0)] = f64::NAN;
+        x[(3, 2)] = f64::INFINITY;
+        x[(3, 3)] = f64::NAN;
+        let xt = x.transpose().to_owned();
+        let view = if row_major {
+            xt.as_ref().transpose()
+        } else {
+            x.as_ref()
+        };
+        let mut m = Moments::new(d);
+        let before = m.clone();
+        let err = m.update(view, Par::Seq).unwrap_err();
+        assert_eq!(
+            err,
+            SlimError::NonFinite {
+                what: "x".into(),
+                row: 3,
+                col: 2
+            }
+        );
+        assert_eq!(m, before);
+        let mut q = SquareSums::new(d);
+        assert!(matches!(
+            q.update(view, Par::Seq),
+            Err(SlimError::NonFinite { row: 3, col: 2, .. })
+        ));
+        assert_eq!(q.count(), 0);
+    }
+    let mut x32 = Mat::<f32>::zeros(3, 2);
+    x32[(2, 1)] = f32::NEG_INFINITY;
+    let mut m = Moments::new(2);
+    assert!(matches!(
+        m.update(x32.as_ref(), Par::Seq),
+        Err(SlimError::NonFinite { row: 2, col: 1, .. })
+    ));
+    let mut p = PairedMoments::new(2);
+    let ok = Mat::<f32>::zeros(3, 2);
+    let e = p.update(ok.as_ref(), x32.as_ref()).unwrap_err();
+    assert_eq!(
+        e,
+        SlimError::NonFinite {
+            what: "full".into(),
+            row: 2,
+            col: 1
+        }
+    );
+    assert_eq!(p.count(), 0);
+}
+
+#[test]
+fn empty_and_shape_errors() {
+    let m = Moments::new(3);
+    assert!(matches!(m.mean(), Err(SlimError::EmptyAccumulator { .. })));
+    assert!(matches!(
+        m.covariance(),
+        Err(SlimError::EmptyAccumulator { .. })
+    ));
+    let mut m = Moments::new(3);
+    let x = Mat::<f64>::zeros(5, 4);
+    assert_eq!(
+        m.update(x.as_ref(), Par::Seq).unwrap_err(),
+        SlimError::ShapeMismatch {
+            what: "x columns".into(),
+            expected: 3,
+            got: 4
+        }
+    );
+    assert!(matches!(
+        m.merge(&Moments::new(4)),
+        Err(SlimError::ShapeMismatch {
+            expected: 3,
+            got: 4,
+            ..
+        })
+    ));
+    let mut q = SquareSums::new(3);
+    assert!(matches!(
+        q.update(x.as_ref(), Par::Seq),
+        Err(SlimError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        q.merge(&SquareSums::new(2)),
+        Err(SlimError::ShapeMismatch { .. })
+    ));
+    let mut p = PairedMoments::new(4);
+    let y = Mat::<f64>::zeros(6, 4);
+    assert!(matches!(
+        p.update(x.as_ref(), y.as_ref()),
+        Err(SlimError::ShapeMismatch {
+            expected: 5,
+            got: 6,
+            ..
+        })
+    ));
+    assert!(matches!(
+        p.merge(&PairedMoments::new(3)),
+        Err(SlimError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        slimllm_core::recovery::affine_from_paired(&PairedMoments::new(2)),
+        Err(SlimError::EmptyAccumulator { .. })
+    ));
+    // empty chunk is a no-op
+    let mut m = Moments::new(3);
+    m.update(Mat::<f64>::zeros(0, 3).as_ref(), Par::Seq)
+        .unwrap();
+    assert_eq!(m, Moments::new(3));
+}
+
+#[test]
+fn from_parts_round_trip() {
+    let mut r = rng(6);
+    let x = correlated(&mut r, 80, 5, 1.0);
+    let mut m = Moments::new(5);
+    m.update(x.as_ref(), Par::Seq).unwrap();
+    let back = Moments::from_parts(m.count(), m.sum().to_vec(), m.gram()).unwrap();
+    let c = m.covariance().unwrap();
+    assert!(max_abs_diff(&back.covariance().unwrap(), &c) < 1e-12 * max_abs(&c) * 80.0);
+    assert!(matches!(
+        Moments::from_parts(1, vec![0.0; 2], Mat::<f64>::zeros(3, 3).as_ref()),
+        Err(SlimError::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
+fn square_sums_match_naive_seq_and_rayon() {
+    let mut r = rng(7);
+    let (n, d) = (1000, 13);
+    let x = randn(&mut r, n, d);
+    let naive: Vec<f64> = (0..d)
+        .map(|j| (0..n).map(|t| x[(t, j)] * x[(t, j)]).sum())
+        .collect();
+    let xt = x.transpose().to_owned();
+    for (view, par) in [
+        (x.as_ref(), Par::Seq),
+        (x.as_ref(), par2()),
+        (xt.as_ref().transpose(), par2()),
+        (xt.as_ref().transpose(), Par::Seq),
+    ] {
+        let mut q = SquareSums::new(d);
+        q.update(view.subrows(0, 10), par).unwrap();
+        q.update(view.subrows(10, n - 10), par).unwrap();
+        assert_eq!(q.count(), n as u64);
+        assert!(max_abs_diff_vec(q.sum_squares(), &naive) < 1e-12 * n as f64);
+        let norms: Vec<f64> = naive.iter().map(|v| v.sqrt()).collect();
+        assert!(max_abs_diff_vec(&q.norms(), &norms) < 1e-10);
+    }
+    let mut a = SquareSums::new(d);
+    let mut b = SquareSums::new(d);
+    a.update(x.as_ref().subrows(0, 400), Par::Seq).unwrap();
+    b.update(x.as_ref().subrows(400, 600), Par::Seq).unwrap();
+    a.merge(&b).unwrap();
+    assert!(max_abs_diff_vec(a.sum_squares(), &naive) < 1e-12 * n as f64);
+    assert_eq!(a.count(), n as u64);
+}
+
+#[test]
+fn paired_moments_sums_and_merge() {
+    let mut r = rng(8);
+    let (n, d) = (200, 6);
+    let p = correlated(&mut r, n, d, 4.0);
+    let f = correlated(&mut r, n, d, 4.0);
+    let mut one = PairedMoments::new(d);
+    one.update(p.as_ref(), f.as_ref()).unwrap();
+    let (sp, sf, spp, sff, spf) = one.sums();
+    for j in 0..d {
+        let (pj, fj) = (col(&p, j), col(&f, j));
+        let tol = 1e-12 * n as f64 * 100.0;
+        assert!((sp[j] - pj.iter().sum::<f64>()).abs() < tol);
+        assert!((sf[j] - fj.iter().sum::<f64>()).abs() < tol);
+        assert!((spp[j] - pj.iter().map(|v| v * v).sum::<f64>()).abs() < tol);
+        assert!((sff[j] - fj.iter().map(|v| v * v).sum::<f64>()).abs() < tol);
+        assert!((spf[j] - pj.iter().zip(&fj).map(|(a, b)| a * b).sum::<f64>()).abs() < tol);
+    }
+    let mut a = PairedMoments::new(d);
+    let mut b = PairedMoments::new(d);
+    a.update(p.as_ref().subrows(0, 70), f.as_ref().subrows(0, 70))
+        .unwrap();
+    b.update(
+        p.as_ref().subrows(70, n - 70),
+        f.as_ref().subrows(70, n - 70),
+    )
+    .unwrap();
+    a.merge(&b).unwrap();
+    assert_eq!(a.count(), n as u64);
+    let fa = slimllm_core::recovery::affine_from_paired(&a).unwrap();
+    let fo = slimllm_core::recovery::affine_from_paired(&one).unwrap();
+    assert!(max_abs_diff_vec(&fa.scale, &fo.scale) < 1e-10);
+    assert!(max_abs_diff_vec(&fa.bias, &fo.bias) < 1e-9);
+}
