@@ -352,8 +352,33 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{path}: {exc}") from None
     tokenizer = _load_tokenizer(folder, str(path), gguf_file=name)
-    model = _from_pretrained(AutoModelForCausalLM, folder, str(path), gguf_file=name, dtype=dtype)
+    kwargs: dict[str, Any] = {}
+    try:  # transformers >= 5.x can keep GGUF blocks packed; slimllm needs dense weights
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # pragma: no cover - older transformers always dequantize
+        pass
+    model = _from_pretrained(AutoModelForCausalLM, folder, str(path), gguf_file=name, dtype=dtype, **kwargs)
+    _drop_gguf_quantizer(model)
     return _finish(model, device), tokenizer
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """A dequantised GGUF model is a plain dense model: forget the GGUF quantizer so that it
+    saves like one (transformers refuses to serialise "gguf-quantized" models)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [name for name, module in model.named_modules() if type(module).__name__.startswith("Gguf")]
+    if packed:  # pragma: no cover - dequantize=True prevents it
+        raise CheckpointError(f"GGUF weights were left packed in {packed[:3]}; cannot prune them")
+    if hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    else:  # pragma: no cover - older transformers
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def load_pruned(
