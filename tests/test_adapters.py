@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from conftest import TINY_ARCHS
-
 from slimllm.adapters import LayerShape, get_adapter, supported_architectures
 from slimllm.errors import UnsupportedArchitectureError
 

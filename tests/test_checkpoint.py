@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_ARCHS
-
 from slimllm import checkpoint
 from slimllm.adapters import get_adapter
 from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
@@ -36,7 +35,11 @@ def _prune(model, *, uniform, biases=True, seed=0, heads_per_group=1):
         shape = adapter.layer_shape(layer)
         group = shape.num_heads // shape.num_kv_heads
         keep = heads_per_group if uniform else max(1, group - idx % group)
-        kept = [g * group + int(a) for g in range(shape.num_kv_heads) for a in sorted(rng.choice(group, keep, replace=False))]
+        kept = [
+            g * group + int(a)
+            for g in range(shape.num_kv_heads)
+            for a in sorted(rng.choice(group, keep, replace=False))
+        ]
         if not uniform and idx % 2 and shape.num_kv_heads > 1:
             kept_kv = list(range(shape.num_kv_heads - 1))
             kept = [a for a in kept if a // group in kept_kv]
@@ -44,7 +47,8 @@ def _prune(model, *, uniform, biases=True, seed=0, heads_per_group=1):
         else:
             keep_heads(adapter, layer, kept)
         n_channels = shape.intermediate_size // 2 if uniform else shape.intermediate_size - 8 * (idx + 1)
-        keep_channels(adapter, layer, sorted(int(c) for c in rng.choice(shape.intermediate_size, n_channels, replace=False)))
+        channels = rng.choice(shape.intermediate_size, n_channels, replace=False)
+        keep_channels(adapter, layer, sorted(int(c) for c in channels))
         if biases:
             for linear in (adapter.attention(layer).o_proj, adapter.mlp(layer).down_proj):
                 d = linear.out_features
@@ -129,7 +133,7 @@ def _check_per_layer(model, tokenizer, out, expected):
     adapter = get_adapter(model)
     layers = config["slimllm_layers"]
     assert len(layers) == len(adapter.layers(model))
-    for entry, shape in zip(layers, adapter.layer_shapes(model)):
+    for entry, shape in zip(layers, adapter.layer_shapes(model), strict=True):
         assert (entry["num_heads"], entry["num_kv_heads"], entry["head_dim"], entry["intermediate_size"]) == (
             shape.num_heads,
             shape.num_kv_heads,

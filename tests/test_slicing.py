@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_ARCHS
-
 from slimllm.adapters import get_adapter
 from slimllm.errors import InvalidCountError, NonFiniteError, ShapeMismatchError
 from slimllm.slicing import head_rows, keep_channels, keep_heads, set_linear
@@ -67,7 +66,7 @@ def test_slicing_equals_masking(make_tiny_model, tiny_tokenizer, arch, layout, t
     ids = _ids(len(tiny_tokenizer))
     dense = _logits(model, ids)
 
-    for idx, (layer, ref_layer) in enumerate(zip(adapter.layers(model), adapter.layers(reference))):
+    for idx, (layer, ref_layer) in enumerate(zip(adapter.layers(model), adapter.layers(reference), strict=True)):
         # per-layer different shapes: layer i keeps a different number of heads / channels
         if group > 1:
             kept = _random_uniform_heads(rng, num_heads, num_kv, 1 + idx % (group - 1) if group > 2 else 1)
@@ -139,7 +138,7 @@ def test_kv_group_removal_equals_masking_qkv(make_tiny_model, tiny_tokenizer, ar
     reference = copy.deepcopy(model)
     adapter = get_adapter(model)
     rng = np.random.default_rng(7)
-    for idx, (layer, ref_layer) in enumerate(zip(adapter.layers(model), adapter.layers(reference))):
+    for idx, (layer, ref_layer) in enumerate(zip(adapter.layers(model), adapter.layers(reference), strict=True)):
         n_drop = 1 + idx % (num_kv - 1) if num_kv > 2 else 1
         dropped = {int(g) for g in rng.choice(num_kv, n_drop, replace=False)}
         kept_kv = [g for g in range(num_kv) if g not in dropped]

@@ -572,7 +572,7 @@ def _per_layer_config(
             "intermediate_size": s.intermediate_size,
             "bias": b,
         }
-        for s, b in zip(shapes, biases)
+        for s, b in zip(shapes, biases, strict=True)
     ]
     config = config_cls(**data)
     config.auto_map = _remote().auto_map(family)

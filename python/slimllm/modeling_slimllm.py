@@ -66,7 +66,7 @@ def apply_layer_shapes(model, layers):
             f"{None if layers is None else len(layers)}"
         )
     hidden = model.config.hidden_size
-    for idx, (layer, spec) in enumerate(zip(decoder_layers, layers)):
+    for idx, (layer, spec) in enumerate(zip(decoder_layers, layers, strict=True)):
         attn, mlp = layer.self_attn, layer.mlp
         num_heads = _spec_int(spec, "num_heads", idx)
         num_kv_heads = _spec_int(spec, "num_kv_heads", idx)

@@ -172,7 +172,8 @@ def keep_channels(adapter: ModelAdapter, layer: nn.Module, kept_channels: Sequen
     """
     mlp = adapter.mlp(layer)
     channels = _indices(kept_channels, mlp.gate_proj.out_features, "kept_channels")
-    if mlp.up_proj.out_features != mlp.gate_proj.out_features or mlp.down_proj.in_features != mlp.gate_proj.out_features:
+    width = mlp.gate_proj.out_features
+    if mlp.up_proj.out_features != width or mlp.down_proj.in_features != width:
         raise ShapeMismatchError(
             f"MLP projections disagree on the intermediate size: gate {mlp.gate_proj.out_features}, "
             f"up {mlp.up_proj.out_features}, down {mlp.down_proj.in_features}"
