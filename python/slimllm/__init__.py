@@ -14,4 +14,30 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["__version__", *_error_names]
+# The pruning API, imported on first use (it pulls in torch and transformers):
+#   PruneConfig, prune_model (slimllm.pipeline), load_pruned (slimllm.checkpoint),
+#   load_calibration, CalibrationSet (slimllm.calibration).
+_LAZY = {
+    "PruneConfig": "slimllm.pipeline",
+    "prune_model": "slimllm.pipeline",
+    "load_pruned": "slimllm.checkpoint",
+    "load_calibration": "slimllm.calibration",
+    "CalibrationSet": "slimllm.calibration",
+}
+
+__all__ = ["__version__", *_error_names, *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slimllm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

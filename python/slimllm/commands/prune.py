@@ -1,11 +1,200 @@
-"""`python -m slimllm prune` (placeholder until its issue lands)."""
+"""`python -m slimllm prune`: load a model, draw calibration sequences, prune block by block,
+save atomically (a thin layer over ``slimllm.pipeline.prune_model``)."""
+
+from __future__ import annotations
 
 import argparse
+import time
+
+EPILOG = """\
+ratio allocation (DESIGN.md section 5): the K blocks whose dense output is most similar to
+their input (mean cos(h_in, h_out) over the calibration tokens) are pruned with
+r_i = R * K * softmax(alpha * s)_i; R is searched so that exactly --ratio of ALL parameters
+(embeddings and lm_head included) is removed, counting the biases the recovery adds.
+Clamping: every pruned block keeps at least one query head per KV group and one MLP channel;
+a block whose r_i would go past that is clamped (listed under "clamped" in the report) and the
+other blocks take up the difference. --layer-ratios is never clamped: a ratio that would leave
+a layer without heads or channels is an error.
+
+example:
+  python -m slimllm prune --model SmolLM2-135M-Instruct.Q4_1.gguf --ratio 0.2 \\
+      --calib-file c4_sample.jsonl --output smollm2-pruned
+"""
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``prune`` (every default shown by ``--help``)."""
+    from slimllm.pipeline import PruneConfig
+
+    d = PruneConfig.__dataclass_fields__
+    parser.epilog = EPILOG
+    parser.formatter_class = _Formatter
+
+    io = parser.add_argument_group("model and output")
+    io.add_argument("--model", required=True,
+                    help="model to prune: a Hugging Face folder, a hub id (online) or a .gguf file "
+                         "(dequantised to --dtype)")
+    io.add_argument("--output", required=True,
+                    help="output folder (must not exist or be empty); written to a temporary "
+                         "folder and renamed when complete")
+    io.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the weights while pruning and of the saved model")
+    io.add_argument("--device", default=d["device"].default,
+                    help="compute device for the block being pruned: cpu, cuda or cuda:N "
+                         "(the rest of the model stays on the CPU)")
+
+    target = parser.add_argument_group("how much to prune")
+    target.add_argument("--ratio", type=float, default=None,
+                        help="fraction of ALL model parameters to remove, in [0, 1); 0 is a no-op "
+                             "(required unless --layer-ratios is given)")
+    target.add_argument("--layer-ratios", type=_float_list, default=None, metavar="R0,R1,...",
+                        help="explicit per-layer ratios instead of --ratio (one per layer, no "
+                             "allocation and no clamping)")
+    target.add_argument("--pruned-layers", type=int, default=None, metavar="K",
+                        help="prune only the K blocks of highest importance (default: all blocks)")
+    target.add_argument("--alpha", type=float, default=d["alpha"].default,
+                        help="softmax temperature of the per-layer ratio allocation")
+    target.add_argument("--channel-multiple", type=int, default=d["channel_multiple"].default,
+                        metavar="M", help="remove MLP channels in multiples of M (e.g. 8, 64, 128)")
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--head-mode", choices=["uniform", "kv-group"], default=d["head_mode"].default,
+                        help="GQA: 'uniform' removes the same number of query heads from every KV "
+                             "group; 'kv-group' removes whole KV groups (k/v rows too, smaller KV "
+                             "cache). MHA models remove heads with their K/V rows either way")
+    method.add_argument("--no-greedy", dest="greedy", action="store_false",
+                        help="skip the greedy head swap of the paper's Algorithm 1 (ablation)")
+    method.add_argument("--recovery", choices=["affine", "ridge", "none"], default=d["recovery"].default,
+                        help="output recovery of o_proj/down_proj: per-coordinate affine fit (paper), "
+                             "ridge re-fit over the kept inputs, or none")
+    method.add_argument("--ridge-damp", type=float, default=d["ridge_damp"].default,
+                        help="ridge lambda as a fraction of mean(diag C_KK) (--recovery ridge)")
+    method.add_argument("--protect-lowest", type=float, default=d["protect_lowest"].default,
+                        help="fraction of lowest-scoring MLP channels kept before pruning the next "
+                             "ones (paper quirk; 0 disables)")
+
+    calib = parser.add_argument_group("calibration")
+    calib.add_argument("--calib-file", default=None,
+                       help="calibration text: a plain text file, or .jsonl with a text field per line")
+    calib.add_argument("--calib-dataset", default=None, metavar="NAME",
+                       help="hub dataset for datasets.load_dataset (streamed; needs network), "
+                            "instead of --calib-file")
+    calib.add_argument("--calib-config", default=None, help="config name of --calib-dataset")
+    calib.add_argument("--calib-split", default="train", help="split of --calib-dataset")
+    calib.add_argument("--calib-text-field", default="text",
+                       help="text field of .jsonl lines / dataset rows")
+    calib.add_argument("--num-samples", type=int, default=32, metavar="N",
+                       help="number of calibration sequences")
+    calib.add_argument("--seq-len", type=int, default=128, metavar="L",
+                       help="tokens per calibration sequence")
+    calib.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
+    calib.add_argument("--batch-size", type=int, default=d["batch_size"].default,
+                       help="calibration sequences per forward chunk")
+
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no tqdm progress bars")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("prune")
+    """Validate everything cheap first (config, output folder, calibration file), then load,
+    calibrate, prune, save; prints the achieved fraction. Errors are SlimLLMError subclasses."""
+    import os
+    from pathlib import Path
+
+    from slimllm.calibration import load_calibration, read_documents
+    from slimllm.errors import CalibrationError, CheckpointError
+    from slimllm.pipeline import PruneConfig
+
+    config = PruneConfig(
+        ratio=args.ratio,
+        layer_ratios=args.layer_ratios,
+        pruned_layers=args.pruned_layers,
+        alpha=args.alpha,
+        head_mode=args.head_mode,
+        greedy=args.greedy,
+        recovery=args.recovery,
+        ridge_damp=args.ridge_damp,
+        protect_lowest=args.protect_lowest,
+        channel_multiple=args.channel_multiple,
+        device=args.device,
+        batch_size=args.batch_size,
+        progress=args.progress,
+    )
+    output = Path(os.path.expanduser(args.output))
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CheckpointError(f"output folder {output} already exists and is not empty; refusing to overwrite")
+    if (args.calib_file is None) == (args.calib_dataset is None):
+        raise CalibrationError("give exactly one calibration source: --calib-file or --calib-dataset")
+    if args.calib_file is not None:
+        read_documents(args.calib_file, args.calib_text_field)  # fail before loading the model
+    if args.num_samples < 1 or args.seq_len < 1:
+        raise CalibrationError("--num-samples and --seq-len must be positive")
+
+    from slimllm.checkpoint import load_model, save_pruned
+    from slimllm.pipeline import prune_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    t_load = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    calib = load_calibration(
+        tokenizer,
+        calib_file=args.calib_file,
+        dataset=args.calib_dataset,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        text_field=args.calib_text_field,
+        dataset_config=args.calib_config,
+        dataset_split=args.calib_split,
+    )
+    t_calib = time.perf_counter() - t0
+
+    model, report = prune_model(model, tokenizer, calib, config)
+    report["model"] = str(args.model)
+    report["dtype"] = args.dtype
+    report["timings"]["loading"] = round(t_load, 6)
+    report["timings"]["calibration_data"] = round(t_calib, 6)
+
+    t0 = time.perf_counter()
+    save_pruned(model, tokenizer, output, report)
+    t_save = time.perf_counter() - t0
+    report["timings"]["saving"] = round(t_save, 6)
+    _rewrite_report(output, report)
+
+    params = report["parameters"]
+    print(
+        f"removed {params['before'] - params['counted_after' if 'counted_after' in params else 'after']:,} "
+        f"of {params['before']:,} parameters: achieved ratio {params['achieved_ratio']:.4%} "
+        f"(target {config.ratio if config.ratio is not None else 'per-layer'})"
+    )
+    print(
+        f"pruned in {report['timings']['total']:.1f} s (load {t_load:.1f} s, save {t_save:.1f} s); "
+        f"saved to {output}"
+    )
+    return 0
+
+
+def _rewrite_report(output, report: dict) -> None:
+    """Add the saving time to the saved report (atomic replace of that one file)."""
+    import json
+    import os
+
+    from slimllm.checkpoint import REPORT_NAME
+
+    path = output / REPORT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

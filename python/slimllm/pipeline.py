@@ -1,0 +1,840 @@
+"""The pruning pipeline: ``PruneConfig`` and ``prune_model`` (DESIGN.md section 1).
+
+``prune_model`` walks the decoder blocks of an in-memory transformers model one at a time, in
+the style of a sequential (SparseGPT-like) pipeline:
+
+1. capture: the inputs of block 0 (hidden states) and the keyword arguments every block gets
+   (position embeddings, attention mask, position ids) are recorded by running the model with
+   its decoder layers temporarily replaced by recorders (the last one stops the forward, so the
+   LM head never runs), in chunks of ``batch_size`` sequences;
+2. pass A, dense: every block runs once on the dense hidden states; s_i = mean over tokens of
+   cos(h_in, h_out) is the layer importance (DESIGN.md section 5) and fixes the per-layer
+   ratios (``slimllm.ratios``);
+3. per block, on the outputs of the already pruned blocks before it (errors propagate as in
+   the paper):
+
+   - pass 1: forward up to the o_proj input, streamed into ``_core.Moments`` (D); heads are
+     ranked and chosen (``head_pair_stats``, ``select_heads``), the o_proj recovery is fitted
+     from the same moments (affine or ridge) and the attention is sliced;
+   - pass 2: the block runs with the pruned attention (its o_proj applied to the stored pass-1
+     inputs, the rest of the attention is not recomputed); hooks stream the MLP input
+     (``SquareSums`` d), the down_proj input a = act(gate x) * up x (``SquareSums`` F, and
+     ``Moments`` F for ridge) and the bias-free MLP output (``Moments`` d); channels are scored
+     and chosen (``channel_scores``, ``select_channels``); the affine recovery streams
+     pruned vs full MLP outputs (from the stored a) into ``PairedMoments``; the MLP is sliced;
+   - pass 3: the block's outputs with both parts pruned (attention and MLP results fed from
+     the stored tensors, so only norms and residual adds run) are the next block's inputs.
+
+Only the current block is moved to ``device``. Activations reach the core as C-contiguous
+float32/float64 numpy arrays (bf16/f16 are upcast to float32). Nothing is materialised per head
+or per channel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slimllm import _core
+from slimllm.adapters import get_adapter
+from slimllm.errors import CalibrationError, ConfigError, NonFiniteError, SlimLLMError
+from slimllm.ratios import (
+    HEAD_MODES,
+    count_parameters,
+    layer_specs,
+    plan_for_target,
+    plan_from_layer_ratios,
+    plan_from_ratios,
+)
+
+__all__ = ["PruneConfig", "prune_model", "RECOVERY_MODES"]
+
+RECOVERY_MODES = ("affine", "ridge", "none")
+
+
+@dataclass
+class PruneConfig:
+    """Every option of a prune, validated when the object is built (ConfigError).
+
+    Attributes:
+        ratio: fraction of ALL model parameters to remove, in [0, 1); 0 is a no-op. The base
+            ratio R of DESIGN.md section 5 is searched so the exact parameter count matches.
+            Exactly one of ``ratio`` and ``layer_ratios`` must be given.
+        layer_ratios: explicit per-layer ratios r_i in [0, 1) (no allocation, no target
+            search, no clamping: a ratio leaving a layer without heads or channels is an error).
+        pruned_layers: k, how many blocks (the k of highest importance) are pruned; None = all.
+        alpha: softmax temperature of the ratio allocation (paper: 10).
+        head_mode: ``"uniform"`` (same number of query heads removed from every KV group) or
+            ``"kv-group"`` (whole KV groups removed, k_proj/v_proj rows too).
+        greedy: run the paper's greedy head swap (Algorithm 1) after the score ranking.
+        recovery: ``"affine"`` (per-coordinate scale + bias, paper default), ``"ridge"``
+            (ridge re-fit of o_proj / down_proj over the kept inputs) or ``"none"``.
+        ridge_damp: ridge lambda relative to mean(diag C_KK) (DESIGN.md section 2).
+        protect_lowest: fraction of the lowest-scoring channels kept before pruning the next
+            ones (paper quirk, 0.01).
+        channel_multiple: channels are removed in multiples of this (1, 8, 64, 128, ...).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; the block being pruned is moved there.
+        batch_size: calibration sequences per forward chunk.
+        progress: show tqdm progress bars.
+    """
+
+    ratio: float | None = None
+    layer_ratios: Sequence[float] | None = None
+    pruned_layers: int | None = None
+    alpha: float = 10.0
+    head_mode: str = "uniform"
+    greedy: bool = True
+    recovery: str = "affine"
+    ridge_damp: float = 0.01
+    protect_lowest: float = 0.01
+    channel_multiple: int = 1
+    device: str = "cpu"
+    batch_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.layer_ratios is not None:
+            self.layer_ratios = tuple(float(r) for r in self.layer_ratios)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError on any invalid setting (called on construction)."""
+
+        def number(name, value, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be finite, got {value!r}")
+
+        def integer(name, value, minimum, allow_none=False):
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        if (self.ratio is None) == (self.layer_ratios is None):
+            raise ConfigError("give exactly one of ratio (fraction of all parameters) and layer_ratios")
+        number("ratio", self.ratio, allow_none=True)
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise ConfigError(f"ratio must be in [0, 1) (a fraction of all parameters), got {self.ratio}")
+        if self.layer_ratios is not None:
+            if not self.layer_ratios:
+                raise ConfigError("layer_ratios is empty")
+            for i, r in enumerate(self.layer_ratios):
+                if not (math.isfinite(r) and 0 <= r < 1):
+                    raise ConfigError(f"layer_ratios[{i}] must be in [0, 1), got {r}")
+            if self.pruned_layers is not None:
+                raise ConfigError("pruned_layers applies to the ratio allocation, not to layer_ratios")
+        integer("pruned_layers", self.pruned_layers, 1, allow_none=True)
+        number("alpha", self.alpha)
+        if self.head_mode not in HEAD_MODES:
+            raise ConfigError(f"head_mode must be one of {', '.join(HEAD_MODES)}, got {self.head_mode!r}")
+        if not isinstance(self.greedy, bool):
+            raise ConfigError(f"greedy must be a bool, got {self.greedy!r}")
+        if self.recovery not in RECOVERY_MODES:
+            raise ConfigError(
+                f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.recovery!r}"
+            )
+        number("ridge_damp", self.ridge_damp)
+        if self.ridge_damp < 0:
+            raise ConfigError(f"ridge_damp must be >= 0, got {self.ridge_damp}")
+        number("protect_lowest", self.protect_lowest)
+        if not 0 <= self.protect_lowest < 1:
+            raise ConfigError(f"protect_lowest must be in [0, 1), got {self.protect_lowest}")
+        integer("channel_multiple", self.channel_multiple, 1)
+        integer("batch_size", self.batch_size, 1)
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"device {self.device!r} is not a torch device (cpu, cuda, cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, got {self.device!r}")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s)"
+                )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["layer_ratios"] is not None:
+            d["layer_ratios"] = list(d["layer_ratios"])
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+class _Stop(Exception):
+    """Raised inside a hook or recorder to end a forward early."""
+
+
+class _Timings:
+    """Exclusive wall time per stage (nested stages are subtracted from their parent)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list] = []
+
+    @contextmanager
+    def __call__(self, name: str):
+        entry = [name, time.perf_counter(), 0.0]
+        self._stack.append(entry)
+        try:
+            yield
+        finally:
+            self._stack.pop()
+            elapsed = time.perf_counter() - entry[1]
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - entry[2]
+            if self._stack:
+                self._stack[-1][2] += elapsed
+
+
+@contextmanager
+def _context(what: str):
+    """Re-raise a core error with the layer / tensor it concerns prefixed to the message."""
+    try:
+        yield
+    except SlimLLMError as err:
+        if getattr(err, "_slimllm_context", False):
+            raise
+        try:
+            new = type(err)(f"{what}: {err}")
+        except Exception:  # pragma: no cover - exotic exception signature
+            raise err
+        new._slimllm_context = True
+        raise new from err
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A (tokens, dim) float32/float64 C-contiguous numpy view/copy of an activation."""
+    t = t.detach()
+    t = t.reshape(-1, t.shape[-1])
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return np.ascontiguousarray(t.cpu().numpy())
+
+
+def _np64(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float64).numpy())
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _tensor_like(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(dtype=like.dtype, device=like.device)
+
+
+def _layer_device(layer: torch.nn.Module) -> torch.device:
+    for p in layer.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _override_forward(module: torch.nn.Module, fn):
+    """Temporarily replace ``module.forward`` (instance attribute)."""
+    module.forward = fn
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def _calibration_chunks(calibration_batches: Any, batch_size: int, vocab_size: int | None):
+    """(chunks, description): int64 tensors of at most batch_size sequences each."""
+    description: dict = {}
+    if hasattr(calibration_batches, "input_ids") and hasattr(calibration_batches, "description"):
+        description = dict(calibration_batches.description)
+        calibration_batches = calibration_batches.input_ids
+    if isinstance(calibration_batches, torch.Tensor):
+        batches = [calibration_batches]
+    elif isinstance(calibration_batches, dict) and "input_ids" in calibration_batches:
+        batches = [calibration_batches["input_ids"]]
+    else:
+        batches = []
+        for b in calibration_batches:
+            if isinstance(b, dict):
+                b = b["input_ids"]
+            batches.append(torch.as_tensor(b))
+    chunks = []
+    for b in batches:
+        if b.dim() == 1:
+            b = b.unsqueeze(0)
+        if b.dim() != 2 or b.dtype.is_floating_point or b.dtype == torch.bool:
+            raise CalibrationError(
+                f"calibration batches must be integer token ids of shape (sequences, tokens), "
+                f"got {tuple(b.shape)} {b.dtype}"
+            )
+        if b.numel() == 0:
+            continue
+        chunks.extend(b.to(torch.long).split(batch_size, dim=0))
+    if not chunks:
+        raise CalibrationError("the calibration set is empty")
+    if vocab_size is not None:
+        top = max(int(c.max()) for c in chunks)
+        low = min(int(c.min()) for c in chunks)
+        if low < 0 or top >= vocab_size:
+            raise CalibrationError(
+                f"calibration token ids must be in [0, {vocab_size}), found {low}..{top}"
+            )
+    n = sum(c.shape[0] for c in chunks)
+    lengths = sorted({c.shape[1] for c in chunks})
+    description.setdefault("source", "in-memory batches")
+    description["num_samples"] = n
+    description["seq_len"] = lengths[0] if len(lengths) == 1 else lengths
+    description["tokens"] = sum(c.numel() for c in chunks)
+    return chunks, description
+
+
+def _capture(model, adapter, chunks, device, timings):
+    """Block-0 hidden states and per-layer block kwargs for every chunk.
+
+    Returns ``(hidden, kwargs)``: ``hidden[c]`` (b, L, d) on ``device``; ``kwargs[i][c]`` the
+    keyword arguments block i receives for chunk c (tensors on ``device``; cache disabled).
+    """
+    layers = adapter.layers(model)
+    n = len(layers)
+    hidden: list = []
+    kwargs: list = [[] for _ in range(n)]
+    first_param = next(model.parameters())
+    embed_device = first_param.device
+    try:
+        embed = model.get_input_embeddings()
+        embed_device = embed.weight.device
+    except (AttributeError, NotImplementedError):  # pragma: no cover
+        pass
+
+    def recorder(index):
+        def record(*args, **kw):
+            if args:
+                h, rest = args[0], args[1:]
+            else:
+                h, rest = kw.pop("hidden_states"), ()
+            if rest:
+                raise SlimLLMError(
+                    f"layer {index}: unexpected positional arguments to the decoder layer"
+                )
+            kw = {k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "past_key_value")}
+            kw["use_cache"] = False
+            kwargs[index].append(_to(kw, device))
+            if index == 0:
+                hidden.append(h.detach().to(device))
+            if index == n - 1:
+                raise _Stop
+            return h
+
+        return record
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        with timings("forward"):
+            for chunk in chunks:
+                try:
+                    model(input_ids=chunk.to(embed_device), use_cache=False)
+                except _Stop:
+                    pass
+                else:  # pragma: no cover - the last recorder always stops
+                    raise SlimLLMError("the capture forward did not reach the last decoder layer")
+    finally:
+        for layer in layers:
+            if "forward" in layer.__dict__:
+                del layer.forward
+    for c, h in enumerate(hidden):
+        if not torch.isfinite(h).all():
+            raise NonFiniteError(f"block 0 input (embeddings), chunk {c}: non-finite values")
+    return hidden, kwargs
+
+
+def _run_layer(layer, h, kw):
+    return _first(layer(h, **kw))
+
+
+def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1)
+    return float(cos.sum()), cos.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def prune_model(model, tokenizer, calibration_batches, config: PruneConfig):
+    """Prune ``model`` in place, block by block (DESIGN.md sections 1-5), and return it with
+    the report.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
+            Qwen3, SmolLM2), any dtype, on CPU (or already on ``config.device``).
+        tokenizer: its tokenizer (only used for the report; may be None).
+        calibration_batches: a ``slimllm.calibration.CalibrationSet``, an int64 tensor
+            (N, L), or an iterable of (b, L) tensors / ``{"input_ids": ...}`` dicts; re-chunked
+            into ``config.batch_size`` sequences.
+        config: a validated :class:`PruneConfig`.
+
+    Returns:
+        ``(model, report)``: the same model object with smaller Linear modules (and added
+        o_proj / down_proj biases under recovery), runnable with ``forward``/``generate``;
+        ``report`` a JSON-serialisable dict (see README / DESIGN.md): per-layer ratios,
+        importances, kept heads / KV heads / channels, head objectives, layer cosine
+        similarities, calibration description, parameter counts and achieved ratio, timings
+        in seconds.
+
+    Raises:
+        ConfigError: invalid or unreachable settings (before any weight changes).
+        UnsupportedArchitectureError: no adapter for the model.
+        CalibrationError: empty calibration set or token ids outside the vocabulary.
+        NonFiniteError: NaN/inf activations (found in the dense pass, before any weight
+            changes; the message names the layer and tensor).
+        Other ``SlimLLMError`` subclasses from the core, prefixed with the layer and tensor. An
+        error during the block walk leaves earlier blocks pruned in memory.
+    """
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"config must be a PruneConfig, got {type(config).__name__}")
+    config.validate()
+    timings = _Timings()
+    t_start = time.perf_counter()
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    n_layers = len(layers)
+    specs = layer_specs(model, adapter)
+    for i, s in enumerate(specs):
+        if s.num_kv_heads < 1 or s.num_heads % s.num_kv_heads:
+            raise ConfigError(
+                f"layer {i}: {s.num_heads} query heads do not divide into {s.num_kv_heads} KV heads"
+            )
+    if config.layer_ratios is not None and len(config.layer_ratios) != n_layers:
+        raise ConfigError(
+            f"layer_ratios has {len(config.layer_ratios)} entries for a model of {n_layers} layers"
+        )
+    if config.pruned_layers is not None and config.pruned_layers > n_layers:
+        raise ConfigError(f"pruned_layers must be in [1, {n_layers}], got {config.pruned_layers}")
+    total_params = count_parameters(model)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    chunks, calib_desc = _calibration_chunks(calibration_batches, config.batch_size, vocab)
+    device = torch.device(config.device)
+
+    report: dict = {
+        "method": "SlimLLM (Guo et al., ICML 2025), slimllm block-by-block pipeline",
+        "architecture": adapter.name,
+        "num_layers": n_layers,
+        "config": config.to_dict(),
+        "calibration": calib_desc,
+    }
+
+    noop = (config.ratio == 0) if config.layer_ratios is None else not any(config.layer_ratios)
+    if noop:
+        plan = plan_from_ratios([0.0] * n_layers, specs, total_params, recovery=config.recovery,
+                                target_ratio=config.ratio)
+        report.update(_plan_report(plan))
+        report["layers"] = [_layer_entry(p, specs[p.index]) for p in plan.layers]
+        report["timings"] = {"total": time.perf_counter() - t_start}
+        return model, report
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            report_layers, plan = _walk(model, adapter, layers, specs, chunks, config, device,
+                                        total_params, timings)
+    finally:
+        model.train(was_training)
+
+    params_after = count_parameters(model)
+    report.update(_plan_report(plan))
+    report["parameters"]["counted_after"] = params_after
+    report["parameters"]["achieved_ratio"] = (total_params - params_after) / total_params
+    report["layers"] = report_layers
+    timings.seconds["total"] = time.perf_counter() - t_start
+    report["timings"] = {k: round(v, 6) for k, v in timings.seconds.items()}
+    return model, report
+
+
+def _plan_report(plan) -> dict:
+    return {
+        "parameters": {
+            "before": plan.params_before,
+            "after": plan.params_after,
+            "removed": plan.params_removed,
+            "target_ratio": plan.target_ratio,
+            "achieved_ratio": plan.achieved_ratio,
+        },
+        "base_ratio": plan.base_ratio,
+    }
+
+
+def _layer_entry(p, spec) -> dict:
+    H, G, Fi = spec.num_heads, spec.num_kv_heads, spec.intermediate_size
+    return {
+        "index": p.index,
+        "importance": p.importance,
+        "ratio": p.ratio,
+        "clamped": list(p.clamped),
+        "heads_removed": p.heads_removed,
+        "kv_heads_removed": p.kv_heads_removed,
+        "channels_removed": p.channels_removed,
+        "num_heads": [H, H - p.heads_removed],
+        "num_kv_heads": [G, G - p.kv_heads_removed],
+        "intermediate_size": [Fi, Fi - p.channels_removed],
+        "kept_heads": list(range(H)),
+        "kept_kv_heads": list(range(G)),
+        "kept_channels": list(range(Fi)),
+    }
+
+
+def _walk(model, adapter, layers, specs, chunks, config, device, total_params, timings):
+    from tqdm.auto import tqdm
+
+    from slimllm import slicing
+
+    n_layers = len(layers)
+    hidden0, block_kwargs = _capture(model, adapter, chunks, device, timings)
+
+    # ---- pass A: dense forward, layer importance -------------------------------------------
+    importance = []
+    dense_out: list = []  # per layer, per chunk: dense block outputs (bf16, CPU) for drift
+    h = hidden0
+    for i in tqdm(range(n_layers), desc="importance", unit="block", disable=not config.progress):
+        layer = layers[i]
+        home = _layer_device(layer)
+        layer.to(device)
+        total, count = 0.0, 0
+        outs = []
+        with timings("forward"):
+            for c, x in enumerate(h):
+                y = _run_layer(layer, x, block_kwargs[i][c])
+                if not torch.isfinite(y).all():
+                    layer.to(home)
+                    raise NonFiniteError(
+                        f"layer {i}: non-finite values in the block output of the dense forward "
+                        f"(chunk {c}); check the weights of layer {i}"
+                    )
+                s, k = _mean_cos(x, y)
+                total, count = total + s, count + k
+                outs.append(y)
+        dense_out.append([o.to(device="cpu", dtype=torch.bfloat16) for o in outs])
+        importance.append(total / count)
+        layer.to(home)
+        h = outs
+    del h
+
+    # ---- per-layer plan ---------------------------------------------------------------------
+    if config.layer_ratios is not None:
+        plan = plan_from_layer_ratios(
+            config.layer_ratios, specs, total_params, importance, config.head_mode,
+            config.channel_multiple, config.recovery,
+        )
+    else:
+        plan = plan_for_target(
+            config.ratio, importance, specs, total_params, config.pruned_layers, config.alpha,
+            config.head_mode, config.channel_multiple, config.recovery,
+        )
+
+    # ---- block walk -------------------------------------------------------------------------
+    entries = []
+    h = hidden0
+    bar = tqdm(range(n_layers), desc="prune", unit="block", disable=not config.progress)
+    for i in bar:
+        layer = layers[i]
+        p = plan.layers[i]
+        spec = specs[i]
+        home = _layer_device(layer)
+        layer.to(device)
+        entry = _layer_entry(p, spec)
+        h, info = _prune_block(i, layer, adapter, slicing, p, spec, h, block_kwargs[i], config,
+                               timings)
+        entry.update(info)
+        # drift: pruned block output vs the dense model's output of the same block
+        total, count = 0.0, 0
+        for y, d in zip(h, dense_out[i]):
+            s, k = _mean_cos(y, d.to(y.device))
+            total, count = total + s, count + k
+        entry["cos_vs_dense_output"] = total / count
+        dense_out[i] = None
+        layer.to(home)
+        entries.append(entry)
+    return entries, plan
+
+
+def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
+    """Prune block i in place; returns (next block inputs, report fields)."""
+    attn = adapter.attention(layer)
+    mlp = adapter.mlp(layer)
+    H, G, hd, Fi = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
+    D = H * hd
+    info: dict = {}
+    prune_heads = p.heads_removed > 0
+    prune_channels = p.channels_removed > 0
+
+    if not prune_heads and not prune_channels:
+        outs = []
+        total, count = 0.0, 0
+        with timings("forward"):
+            for x, kw in zip(h, kws):
+                y = _run_layer(layer, x, kw)
+                s, k = _mean_cos(x, y)
+                total, count = total + s, count + k
+                outs.append(y)
+        info["layer_cosine"] = total / count
+        return outs, info
+
+    # ---- pass 1: o_proj inputs ----------------------------------------------------------------
+    o_inputs: list = []
+    attn_outs: list = []
+    if prune_heads:
+        moments = _core.Moments(D)
+
+        def o_pre(_module, args):
+            x = args[0]
+            with timings("statistics"), _context(f"layer {i}, o_proj input"):
+                moments.update(_np(x))
+            o_inputs.append(x.detach())
+            raise _Stop
+
+        handle = attn.o_proj.register_forward_pre_hook(o_pre)
+        try:
+            with timings("forward"):
+                for x, kw in zip(h, kws):
+                    try:
+                        _run_layer(layer, x, kw)
+                    except _Stop:
+                        pass
+        finally:
+            handle.remove()
+
+        w_o = attn.o_proj.weight
+        w_o64 = _np64(w_o)
+        old_o_bias = None if attn.o_proj.bias is None else _np64(attn.o_proj.bias)
+        with timings("ranking"), _context(f"layer {i}, o_proj input covariance"):
+            cov = moments.covariance()
+            m = _core.head_pair_stats(cov, w_o64, H)
+        g = H // G
+        if config.head_mode == "kv-group" or g == 1:
+            mode, n_units = "kv-group", p.kv_heads_removed
+        else:
+            mode, n_units = "uniform", p.heads_removed
+        with timings("greedy" if config.greedy else "ranking"), _context(f"layer {i}, heads"):
+            sel = _core.select_heads(m, n_units, G, mode=mode, greedy=config.greedy)
+        kept_heads = [int(a) for a in sel.kept]
+        pruned_kv = [int(g_) for g_ in sel.pruned_kv_heads]
+        kept_kv = [g_ for g_ in range(G) if g_ not in set(pruned_kv)]
+        if len(kept_heads) != H - p.heads_removed or len(kept_kv) != G - p.kv_heads_removed:
+            raise SlimLLMError(
+                f"layer {i}: head selection kept {len(kept_heads)} heads / {len(kept_kv)} KV heads, "
+                f"plan says {H - p.heads_removed} / {G - p.kv_heads_removed}"
+            )
+        cols = np.concatenate([np.arange(a * hd, (a + 1) * hd) for a in kept_heads])
+        weight = bias = None
+        with timings("regression"), _context(f"layer {i}, o_proj recovery"):
+            if config.recovery == "affine":
+                scale, fit_bias = _core.affine_fit_heads(moments, w_o64, m, kept_heads)
+                weight = w_o64[:, cols] * np.asarray(scale)[:, None]
+                bias = np.asarray(fit_bias)
+            elif config.recovery == "ridge":
+                weight, bias = _core.ridge_reconstruct(moments, w_o64, cols.astype(np.int64).tolist(),
+                                                       config.ridge_damp)
+                weight, bias = np.asarray(weight), np.asarray(bias)
+            if bias is not None and old_o_bias is not None:
+                bias = bias + old_o_bias
+        with timings("slicing"):
+            slicing.keep_heads(
+                adapter, layer, kept_heads, kept_kv if p.kv_heads_removed else None
+            )
+            if weight is not None:
+                slicing.set_linear(
+                    attn.o_proj, weight=_tensor_like(weight, w_o), bias=_tensor_like(bias, w_o)
+                )
+        del moments, cov
+        info.update(
+            kept_heads=kept_heads,
+            kept_kv_heads=kept_kv,
+            head_objective_initial=float(sel.initial_objective),
+            head_objective=float(sel.objective),
+            head_swaps=int(sel.swaps),
+        )
+        cols_t = torch.as_tensor(cols, dtype=torch.long, device=o_inputs[0].device)
+
+    # ---- pass 2: MLP statistics with the pruned attention --------------------------------------
+    state = {"chunk": 0}
+
+    def attn_from_inputs(*args, **kwargs):
+        x = o_inputs[state["chunk"]]
+        return attn.o_proj(x.index_select(-1, cols_t)), None
+
+    def attn_record(_module, _args, out):
+        attn_outs.append(_first(out).detach())
+
+    d = spec.hidden_size
+    handles = []
+    acts: list = []
+    y_full: list = []
+    block_outs: list = []
+    if prune_channels:
+        in_sq = _core.SquareSums(d)
+        act_sq = _core.SquareSums(Fi)
+        act_mom = _core.Moments(Fi) if config.recovery == "ridge" else None
+        y_mom = _core.Moments(d)
+        down = mlp.down_proj
+        old_down_bias = down.bias.detach().clone() if down.bias is not None else None
+
+        def mlp_pre(_module, args):
+            with timings("statistics"), _context(f"layer {i}, MLP input"):
+                in_sq.update(_np(args[0]))
+
+        def down_pre(_module, args):
+            a = args[0]
+            with timings("statistics"), _context(f"layer {i}, down_proj input"):
+                arr = _np(a)
+                act_sq.update(arr)
+                if act_mom is not None:
+                    act_mom.update(arr)
+            acts.append(a.detach())
+
+        def down_post(_module, _args, out):
+            y = out.detach()
+            if old_down_bias is not None:
+                y = y - old_down_bias
+            with timings("statistics"), _context(f"layer {i}, MLP output"):
+                y_mom.update(_np(y))
+            y_full.append(y)
+
+        handles += [
+            mlp.register_forward_pre_hook(mlp_pre),
+            down.register_forward_pre_hook(down_pre),
+            down.register_forward_hook(down_post),
+        ]
+    handles.append(attn.register_forward_hook(attn_record))
+    try:
+        ctx = _override_forward(attn, attn_from_inputs) if prune_heads else _nullcontext()
+        with ctx, timings("forward"):
+            for c, (x, kw) in enumerate(zip(h, kws)):
+                state["chunk"] = c
+                block_outs.append(_run_layer(layer, x, kw))
+    finally:
+        for hd_ in handles:
+            hd_.remove()
+    del o_inputs
+
+    if not prune_channels:
+        outs = block_outs
+    else:
+        w_gate, w_up, w_down = (
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        )
+        w_down64 = _np64(w_down)
+        with timings("ranking"), _context(f"layer {i}, channel scores"):
+            y_cov = y_mom.covariance()
+            gate_s, up_s, down_s = _core.channel_scores(
+                in_sq.sum_squares, act_sq.sum_squares, y_cov, _np64(w_gate), _np64(w_up), w_down64
+            )
+            scores = np.asarray(gate_s) + np.asarray(up_s) + np.asarray(down_s)
+            pruned_ch = np.asarray(
+                _core.select_channels(scores, p.channels_removed, config.protect_lowest)
+            )
+        mask = np.ones(Fi, dtype=bool)
+        mask[pruned_ch] = False
+        kept_ch = np.flatnonzero(mask)
+        if len(kept_ch) != Fi - p.channels_removed:
+            raise SlimLLMError(f"layer {i}: channel selection does not match the plan")
+        with timings("slicing"):
+            slicing.keep_channels(adapter, layer, kept_ch.tolist())
+        down = mlp.down_proj
+        kept_t = torch.as_tensor(kept_ch, dtype=torch.long, device=acts[0].device)
+        y_rec: list = []
+        if config.recovery == "ridge":
+            with timings("regression"), _context(f"layer {i}, down_proj recovery"):
+                weight, bias = _core.ridge_reconstruct(act_mom, w_down64, kept_ch.tolist(),
+                                                       config.ridge_damp)
+                bias = np.asarray(bias)
+                if old_down_bias is not None:
+                    bias = bias + _np64(old_down_bias)
+            with timings("slicing"):
+                slicing.set_linear(down, weight=_tensor_like(np.asarray(weight), down.weight),
+                                   bias=_tensor_like(bias, down.weight))
+            with timings("forward"):
+                for a in acts:
+                    y_rec.append(down(a.index_select(-1, kept_t)))
+        else:
+            w_k = down.weight
+            y_pruned = []
+            with timings("forward"):
+                for a in acts:
+                    y_pruned.append(F.linear(a.index_select(-1, kept_t), w_k))
+            if config.recovery == "affine":
+                paired = _core.PairedMoments(d)
+                with timings("statistics"), _context(f"layer {i}, pruned vs full MLP output"):
+                    for yp, yf in zip(y_pruned, y_full):
+                        paired.update(_np(yp), _np(yf))
+                with timings("regression"), _context(f"layer {i}, down_proj recovery"):
+                    scale, fit_bias = _core.affine_from_paired(paired)
+                    scale, fit_bias = np.asarray(scale), np.asarray(fit_bias)
+                    if old_down_bias is not None:
+                        fit_bias = fit_bias + _np64(old_down_bias)
+                new_w = _np64(w_k) * scale[:, None]
+                with timings("slicing"):
+                    slicing.set_linear(down, weight=_tensor_like(new_w, w_k),
+                                       bias=_tensor_like(fit_bias, w_k))
+                s_t = _tensor_like(scale, w_k)
+                b_t = _tensor_like(fit_bias, w_k)
+                y_rec = [yp * s_t + b_t for yp in y_pruned]
+            else:
+                y_rec = [yp if old_down_bias is None else yp + old_down_bias for yp in y_pruned]
+        info["kept_channels"] = kept_ch.tolist()
+        del acts, y_full
+
+        # ---- pass 3: block outputs with both parts pruned ---------------------------------------
+        def attn_stored(*args, **kwargs):
+            return attn_outs[state["chunk"]], None
+
+        def mlp_stored(*args, **kwargs):
+            return y_rec[state["chunk"]]
+
+        outs = []
+        with _override_forward(attn, attn_stored), _override_forward(mlp, mlp_stored):
+            with timings("forward"):
+                for c, (x, kw) in enumerate(zip(h, kws)):
+                    state["chunk"] = c
+                    outs.append(_run_layer(layer, x, kw))
+
+    total, count = 0.0, 0
+    for x, y in zip(h, outs):
+        if not torch.isfinite(y).all():
+            raise NonFiniteError(f"layer {i}: non-finite values in the pruned block output")
+        s, k = _mean_cos(x, y)
+        total, count = total + s, count + k
+    info["layer_cosine"] = total / count
+    return outs, info
+
+
+@contextmanager
+def _nullcontext():
+    yield

@@ -1,0 +1,499 @@
+"""The block-by-block pipeline (slimllm.pipeline) on tiny random Llama / Mistral / Qwen2 / Qwen3
+models, MHA and GQA, tied and untied embeddings.
+
+The central check rebuilds every pruned model independently, as a *masked* dense model: the
+pruned heads' o_proj columns and the pruned channels' down_proj columns are zeroed, and the
+recovery is fitted with numpy on materialised outputs (``np.polyfit`` per output coordinate for
+the affine fit, a dense solve for ridge), layer after layer on the masked model's own
+activations. The sliced model must give the same logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimllm.adapters import get_adapter
+from slimllm.errors import (
+    CalibrationError,
+    ConfigError,
+    NonFiniteError,
+    UnsupportedArchitectureError,
+)
+from slimllm.pipeline import PruneConfig, prune_model
+from slimllm.ratios import count_parameters
+
+CASES = [
+    # arch, heads, kv heads, tied
+    ("llama", 4, 4, False),  # MHA, untied
+    ("llama", 4, 2, True),  # GQA, tied
+    ("mistral", 4, 2, False),
+    ("qwen2", 4, 2, True),  # q/k/v biases
+    ("qwen3", 4, 4, False),  # MHA, q_norm / k_norm
+    ("qwen3", 8, 2, True),  # GQA with 4 query heads per group
+]
+CASE_IDS = [f"{a}-{h}h{g}kv-{'tied' if t else 'untied'}" for a, h, g, t in CASES]
+
+
+def _ids(vocab: int, n: int = 6, length: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _capture(model, module, ids):
+    """Materialised input (tokens, features) of ``module`` over the calibration ids."""
+    seen = []
+
+    def hook(_m, args):
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    return torch.cat(seen).numpy()
+
+
+def _fit(x, w, kept_cols, recovery, damp):
+    """Reference recovery from materialised inputs x (n, D_in) and weight w (d, D_in): returns
+    the new dense-shaped weight (zero outside kept_cols) and bias (bias-free fit)."""
+    d, D = w.shape
+    new_w = np.zeros_like(w)
+    y_full = x @ w.T
+    y_kept = x[:, kept_cols] @ w[:, kept_cols].T
+    if recovery == "none":
+        new_w[:, kept_cols] = w[:, kept_cols]
+        return new_w, np.zeros(d)
+    if recovery == "affine":
+        scale, bias = np.empty(d), np.empty(d)
+        for j in range(d):
+            scale[j], bias[j] = np.polyfit(y_kept[:, j], y_full[:, j], 1)
+        new_w[:, kept_cols] = w[:, kept_cols] * scale[:, None]
+        return new_w, bias
+    mu = x.mean(0)
+    xc = x - mu
+    cov = xc.T @ xc / len(x)
+    ckk = cov[np.ix_(kept_cols, kept_cols)]
+    lam = damp * np.mean(np.diag(ckk))
+    wt = np.linalg.solve(ckk + lam * np.eye(len(kept_cols)), cov[kept_cols] @ w.T)
+    new_w[:, kept_cols] = wt.T
+    return new_w, w @ mu - wt.T @ mu[kept_cols]
+
+
+def _masked_reference(dense, report, ids, recovery, damp):
+    """The dense model with pruned heads/channels zeroed and the recovery refitted in numpy."""
+    ref = copy.deepcopy(dense)
+    adapter = get_adapter(ref)
+    for layer, entry in zip(adapter.layers(ref), report["layers"]):
+        attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+        h = adapter.head_dim(layer)
+        for linear, kept_cols in (
+            (attn.o_proj, [c for a in entry["kept_heads"] for c in range(a * h, (a + 1) * h)]),
+            (mlp.down_proj, entry["kept_channels"]),
+        ):
+            if len(kept_cols) == linear.in_features:
+                continue
+            x = _capture(ref, linear, ids)
+            w = linear.weight.detach().double().numpy()
+            new_w, bias = _fit(x, w, np.asarray(kept_cols), recovery, damp)
+            old_bias = linear.bias
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(new_w))
+                if recovery != "none":
+                    if old_bias is not None:
+                        bias = bias + old_bias.detach().double().numpy()
+                    linear.bias = torch.nn.Parameter(torch.from_numpy(bias).float())
+    return ref
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_ratio_zero_is_a_noop(make_tiny_model, case):
+    arch, heads, kv, tied = case
+    model = make_tiny_model(arch, num_heads=heads, num_kv_heads=kv, tied=tied)
+    ids = _ids(model.config.vocab_size)
+    before = _logits(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out, report = prune_model(model, None, ids, PruneConfig(ratio=0.0, progress=False))
+    assert out is model
+    assert torch.equal(_logits(model, ids), before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert report["parameters"]["achieved_ratio"] == 0.0
+    assert report["parameters"]["before"] == report["parameters"]["after"] == count_parameters(model)
+
+
+@pytest.mark.parametrize("recovery", ["none", "affine", "ridge"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_sliced_model_equals_masked_model(make_tiny_model, case, recovery):
+    arch, heads, kv, tied = case
+    dense = make_tiny_model(arch, num_heads=heads, num_kv_heads=kv, tied=tied, layers=3)
+    calib = _ids(dense.config.vocab_size, n=6, length=24, seed=1)
+    model = copy.deepcopy(dense)
+    config = PruneConfig(ratio=0.3, recovery=recovery, ridge_damp=0.05, batch_size=4, progress=False)
+    model, report = prune_model(model, None, calib, config)
+    # something was pruned in every layer, within the GQA constraints
+    adapter = get_adapter(model)
+    for layer, entry in zip(adapter.layers(model), report["layers"]):
+        shape = adapter.layer_shape(layer)
+        assert shape.num_heads == len(entry["kept_heads"]) == entry["num_heads"][1]
+        assert shape.num_kv_heads == len(entry["kept_kv_heads"])
+        assert shape.intermediate_size == len(entry["kept_channels"]) < 96
+        assert shape.num_heads % shape.num_kv_heads == 0
+    assert sum(e["heads_removed"] for e in report["layers"]) > 0
+    ref = _masked_reference(dense, report, calib, recovery, damp=0.05)
+    probe = _ids(dense.config.vocab_size, n=3, length=20, seed=7)
+    got, want = _logits(model, probe), _logits(ref, probe)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    # the pruned model differs from the dense one, and generates
+    assert not torch.allclose(got, _logits(dense, probe), atol=1e-3)
+    out = model.generate(probe[:1, :5], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_kv_group_mode_equals_masked_model(make_tiny_model):
+    dense = make_tiny_model("llama", num_heads=8, num_kv_heads=4, layers=2)
+    calib = _ids(dense.config.vocab_size, seed=2)
+    config = PruneConfig(ratio=0.3, head_mode="kv-group", batch_size=3, progress=False)
+    model, report = prune_model(copy.deepcopy(dense), None, calib, config)
+    for entry in report["layers"]:
+        if entry["heads_removed"]:
+            assert entry["kv_heads_removed"] * 2 == entry["heads_removed"]
+            kept_groups = {a // 2 for a in entry["kept_heads"]}
+            assert sorted(kept_groups) == entry["kept_kv_heads"]
+    assert any(e["kv_heads_removed"] for e in report["layers"])
+    ref = _masked_reference(dense, report, calib, "affine", 0.0)
+    probe = _ids(dense.config.vocab_size, n=2, seed=9)
+    torch.testing.assert_close(_logits(model, probe), _logits(ref, probe), rtol=1e-4, atol=2e-5)
+
+
+def test_affine_o_proj_fit_equals_polyfit(make_tiny_model):
+    """Layer 0 sees the dense inputs: its recovered o_proj must be the per-coordinate
+    np.polyfit of the full output on the kept-heads output, on materialised activations."""
+    dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
+    calib = _ids(dense.config.vocab_size, n=5, length=20, seed=3)
+    model, report = prune_model(copy.deepcopy(dense), None, calib,
+                                PruneConfig(ratio=0.3, batch_size=2, progress=False))
+    entry = report["layers"][0]
+    assert entry["heads_removed"] > 0
+    o_dense = dense.model.layers[0].self_attn.o_proj
+    x = _capture(dense, o_dense, calib)
+    w = o_dense.weight.detach().double().numpy()
+    cols = [c for a in entry["kept_heads"] for c in range(a * 16, (a + 1) * 16)]
+    y_full, y_kept = x @ w.T, x[:, cols] @ w[:, cols].T
+    fits = np.array([np.polyfit(y_kept[:, j], y_full[:, j], 1) for j in range(w.shape[0])])
+    o_pruned = model.model.layers[0].self_attn.o_proj
+    np.testing.assert_allclose(o_pruned.weight.detach().double().numpy(),
+                               w[:, cols] * fits[:, :1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(o_pruned.bias.detach().double().numpy(), fits[:, 1],
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.25, 0.4])
+def test_achieved_ratio_and_exact_counts(make_tiny_model, target):
+    model = make_tiny_model("qwen2", num_heads=8, num_kv_heads=8, layers=4, intermediate=256)
+    before = count_parameters(model)
+    calib = _ids(model.config.vocab_size, seed=4)
+    model, report = prune_model(model, None, calib, PruneConfig(ratio=target, progress=False))
+    p = report["parameters"]
+    assert p["before"] == before
+    assert p["after"] == p["counted_after"] == count_parameters(model)
+    assert p["achieved_ratio"] == (before - count_parameters(model)) / before
+    # the tiny model's steps are coarse (one head = 2.6% of it); SmolLM2's are fine (e2e test)
+    assert abs(p["achieved_ratio"] - target) < 0.015
+
+
+def test_report_contents(make_tiny_model, tiny_tokenizer):
+    from slimllm.calibration import from_documents
+
+    model = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=3)
+    text = "Pruning removes attention heads and channels of a language model. " * 40
+    calib = from_documents(tiny_tokenizer, [text], num_samples=4, seq_len=16, seed=5)
+    config = PruneConfig(ratio=0.25, pruned_layers=2, batch_size=3, progress=False)
+    model, report = prune_model(model, tiny_tokenizer, calib, config)
+    json.dumps(report)
+    assert report["architecture"] == "llama" and report["num_layers"] == 3
+    assert report["calibration"]["num_samples"] == 4 and report["calibration"]["seq_len"] == 16
+    assert report["calibration"]["seed"] == 5 and report["calibration"]["mode"] == "stream"
+    assert report["config"]["ratio"] == 0.25 and report["config"]["pruned_layers"] == 2
+    assert report["parameters"]["target_ratio"] == 0.25
+    for key in ("forward", "statistics", "ranking", "greedy", "regression", "slicing", "total"):
+        assert report["timings"][key] >= 0
+    layers = report["layers"]
+    importance = [e["importance"] for e in layers]
+    assert all(-1 <= s <= 1 for s in importance)
+    untouched = [e for e in layers if e["ratio"] == 0]
+    assert len(untouched) == 1 and untouched[0]["importance"] == min(importance)
+    assert untouched[0]["heads_removed"] == untouched[0]["channels_removed"] == 0
+    for e in layers:
+        for key in ("index", "ratio", "clamped", "kept_heads", "kept_kv_heads", "kept_channels",
+                    "layer_cosine", "cos_vs_dense_output", "num_heads", "intermediate_size"):
+            assert key in e
+        if e["heads_removed"]:
+            assert e["head_objective"] >= e["head_objective_initial"] - 1e-9
+            assert e["head_swaps"] >= 0
+    first_pruned = min(e["index"] for e in layers if e["ratio"] > 0)
+    for e in layers:
+        assert e["cos_vs_dense_output"] <= 1.0 + 1e-6
+        if e["index"] < first_pruned:  # nothing pruned yet: the dense hidden states
+            assert e["cos_vs_dense_output"] > 0.999
+
+
+def test_greedy_flag_and_protect_lowest(make_tiny_model):
+    dense = make_tiny_model("llama", num_heads=8, num_kv_heads=2, layers=2)
+    calib = _ids(dense.config.vocab_size, seed=6)
+    _, plain = prune_model(copy.deepcopy(dense), None, calib,
+                           PruneConfig(ratio=0.3, greedy=False, protect_lowest=0.0, progress=False))
+    for e in plain["layers"]:
+        if e["heads_removed"]:
+            assert e["head_swaps"] == 0 and e["head_objective"] == e["head_objective_initial"]
+
+
+def test_unsorted_batches_and_dicts_are_accepted(make_tiny_model):
+    dense = make_tiny_model("mistral", num_heads=4, num_kv_heads=2)
+    calib = _ids(dense.config.vocab_size, n=6)
+    cfg = PruneConfig(ratio=0.2, batch_size=6, progress=False)
+    a, ra = prune_model(copy.deepcopy(dense), None, calib, cfg)
+    b, rb = prune_model(copy.deepcopy(dense), None, [{"input_ids": calib[:2]}, calib[2:]], cfg)
+    assert ra["layers"] == rb["layers"] or all(
+        x["kept_channels"] == y["kept_channels"] for x, y in zip(ra["layers"], rb["layers"])
+    )
+    probe = _ids(dense.config.vocab_size, n=2, seed=3)
+    torch.testing.assert_close(_logits(a, probe), _logits(b, probe), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ratio=-0.1), r"ratio must be in \[0, 1\)"),
+        (dict(ratio=1.0), r"ratio must be in \[0, 1\)"),
+        (dict(ratio=float("nan")), "ratio must be finite"),
+        (dict(), "exactly one of ratio"),
+        (dict(ratio=0.2, layer_ratios=[0.1, 0.1]), "exactly one of ratio"),
+        (dict(layer_ratios=[0.1, 1.2]), r"layer_ratios\[1\] must be in \[0, 1\)"),
+        (dict(ratio=0.2, head_mode="groups"), "head_mode must be one of"),
+        (dict(ratio=0.2, recovery="lsq"), "recovery must be one of"),
+        (dict(ratio=0.2, ridge_damp=-1.0), "ridge_damp must be >= 0"),
+        (dict(ratio=0.2, protect_lowest=1.0), r"protect_lowest must be in \[0, 1\)"),
+        (dict(ratio=0.2, channel_multiple=0), "channel_multiple must be an integer >= 1"),
+        (dict(ratio=0.2, batch_size=0), "batch_size must be an integer >= 1"),
+        (dict(ratio=0.2, pruned_layers=0), "pruned_layers must be an integer >= 1"),
+        (dict(ratio=0.2, device="tpu"), "device"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PruneConfig(progress=False, **kwargs)
+
+
+def test_cuda_unavailable_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        PruneConfig(ratio=0.2, device="cuda")
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(
+        torch.equal(now[k], state[k]) or (now[k].isnan() == state[k].isnan()).all() for k in state
+    )
+
+
+def test_layer_that_would_keep_no_heads(make_tiny_model):
+    model = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
+    state = _state(model)
+    with pytest.raises(ConfigError, match="layer 1: ratio 0.9 would remove 2 of 2 query heads per KV group"):
+        prune_model(model, None, _ids(model.config.vocab_size),
+                    PruneConfig(layer_ratios=[0.1, 0.9], progress=False))
+    assert _unchanged(model, state)
+    with pytest.raises(ConfigError, match="cannot remove"):
+        prune_model(model, None, _ids(model.config.vocab_size),
+                    PruneConfig(ratio=0.6, pruned_layers=1, progress=False))
+    assert _unchanged(model, state)
+    with pytest.raises(ConfigError, match="3 entries for a model of 2 layers"):
+        prune_model(model, None, _ids(model.config.vocab_size),
+                    PruneConfig(layer_ratios=[0.1, 0.1, 0.1], progress=False))
+
+
+def test_nan_activations_are_caught_before_any_change(make_tiny_model):
+    model = make_tiny_model("qwen2", num_heads=4, num_kv_heads=2, layers=3)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    state = _state(model)
+    with pytest.raises(NonFiniteError, match="layer 1: non-finite values"):
+        prune_model(model, None, _ids(model.config.vocab_size), PruneConfig(ratio=0.2, progress=False))
+    assert _unchanged(model, state)
+
+
+def test_bad_calibration_batches(make_tiny_model):
+    model = make_tiny_model("llama")
+    cfg = PruneConfig(ratio=0.2, progress=False)
+    with pytest.raises(CalibrationError, match="empty"):
+        prune_model(model, None, [], cfg)
+    with pytest.raises(CalibrationError, match="token ids must be in"):
+        prune_model(model, None, torch.full((2, 8), 10_000), cfg)
+    with pytest.raises(CalibrationError, match="integer token ids"):
+        prune_model(model, None, torch.zeros(2, 8), cfg)
+
+
+def test_unsupported_architecture():
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
+        prune_model(model, None, torch.zeros(1, 8, dtype=torch.long),
+                    PruneConfig(ratio=0.2, progress=False))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _save_tiny(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _calib_text(path, repeats=60):
+    path.write_text(
+        "Pruning removes attention heads and intermediate channels of a language model. "
+        "A calibration set of a few sequences estimates the statistics. " * repeats,
+        encoding="utf-8",
+    )
+    return path
+
+
+def _cli(*args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "slimllm", "prune", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path):
+    """python -m slimllm prune on a saved tiny model; the folder reloads with the logits of the
+    same prune done in memory, and the recovery biases survive."""
+    from slimllm.calibration import load_calibration
+    from slimllm.checkpoint import load_pruned
+
+    dense = make_tiny_model("qwen3", num_heads=4, num_kv_heads=2, tied=True, layers=2)
+    src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
+    calib_file = _calib_text(tmp_path / "calib.txt")
+    out = tmp_path / "pruned"
+    run = _cli("--model", src, "--output", out, "--ratio", 0.25, "--calib-file", calib_file,
+               "--num-samples", 4, "--seq-len", 32, "--batch-size", 2, "--no-progress")
+    assert run.returncode == 0, run.stderr
+    assert "achieved ratio" in run.stdout
+    report = json.loads((out / "slimllm_report.json").read_text())
+    assert report["calibration"]["source"] == str(calib_file)
+    assert report["timings"]["saving"] >= 0
+    reloaded = load_pruned(out)
+
+    calib = load_calibration(tiny_tokenizer, calib_file, num_samples=4, seq_len=32, seed=0)
+    model, mem_report = prune_model(copy.deepcopy(dense), tiny_tokenizer, calib,
+                                    PruneConfig(ratio=0.25, batch_size=2, progress=False))
+    assert [e["kept_channels"] for e in mem_report["layers"]] == [
+        e["kept_channels"] for e in report["layers"]
+    ]
+    probe = _ids(dense.config.vocab_size, n=2, seed=11)
+    torch.testing.assert_close(_logits(reloaded, probe), _logits(model, probe), rtol=1e-5, atol=1e-6)
+    assert reloaded.model.layers[0].self_attn.o_proj.bias is not None
+    assert count_parameters(reloaded) == report["parameters"]["counted_after"]
+
+
+def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path):
+    from slimllm.checkpoint import load_pruned, save_pruned
+
+    model = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
+    calib = _ids(model.config.vocab_size)
+    model, report = prune_model(model, None, calib, PruneConfig(ratio=0.2, progress=False))
+    save_pruned(model, None, tmp_path / "out", report)
+    back = load_pruned(tmp_path / "out")
+    probe = _ids(model.config.vocab_size, n=2, seed=5)
+    assert torch.equal(_logits(back, probe), _logits(model, probe))
+
+
+@pytest.mark.parametrize(
+    "extra, error",
+    [
+        (["--ratio", "1.0"], "ConfigError"),
+        (["--ratio", "-0.5"], "ConfigError"),
+        (["--layer-ratios", "0.1,0.9"], "ConfigError: layer 1"),
+        (["--ratio", "0.2", "--num-samples", "64", "--seq-len", "256"], "CalibrationError"),
+    ],
+)
+def test_cli_bad_input_leaves_no_output(make_tiny_model, tiny_tokenizer, tmp_path, extra, error):
+    src = _save_tiny(make_tiny_model("llama"), tiny_tokenizer, tmp_path / "dense")
+    calib_file = _calib_text(tmp_path / "calib.txt", repeats=3)
+    out = tmp_path / "pruned"
+    args = ["--model", src, "--output", out, "--calib-file", calib_file, "--num-samples", 2,
+            "--seq-len", 16, "--no-progress", *extra]
+    run = _cli(*args)
+    assert run.returncode == 2, run.stderr
+    assert error in run.stderr
+    if error == "CalibrationError":
+        assert "tokens found" in run.stderr and "16384 needed (64 x 256)" in run.stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".pruned*"))
+
+
+def test_cli_nan_and_unsupported_leave_no_output(make_tiny_model, tiny_tokenizer, tmp_path):
+    import transformers
+
+    from slimllm.cli import main
+
+    calib_file = _calib_text(tmp_path / "calib.txt")
+    model = make_tiny_model("llama", layers=2)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.fill_(float("nan"))
+    src = _save_tiny(model, tiny_tokenizer, tmp_path / "nan")
+    out = tmp_path / "out"
+    common = ["--output", str(out), "--ratio", "0.2", "--calib-file", str(calib_file),
+              "--num-samples", "2", "--seq-len", "16", "--no-progress"]
+    assert main(["prune", "--model", str(src), *common]) == 2
+    assert not out.exists()
+
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer))
+    )
+    src = _save_tiny(gpt2, tiny_tokenizer, tmp_path / "gpt2")
+    assert main(["prune", "--model", str(src), *common]) == 2
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) and not list(tmp_path.glob(".out*"))
+
+
+def test_cli_help_documents_every_option():
+    run = subprocess.run([sys.executable, "-m", "slimllm", "prune", "--help"], capture_output=True,
+                         text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "python")})
+    assert run.returncode == 0
+    for option in ("--model", "--output", "--dtype", "--device", "--ratio", "--layer-ratios",
+                   "--pruned-layers", "--alpha", "--head-mode", "--no-greedy", "--recovery",
+                   "--ridge-damp", "--protect-lowest", "--channel-multiple", "--calib-file",
+                   "--calib-dataset", "--num-samples", "--seq-len", "--seed", "--batch-size"):
+        assert option in run.stdout
+    assert "keeps at least one query head per KV" in run.stdout
