@@ -468,3 +468,19 @@ def test_smollm2_gguf_loads_and_round_trips(smollm2_gguf, tmp_path):
     assert config["head_dim"] == 64 and config["intermediate_size"] == 512
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(_logits(reloaded, ids), expected)
+
+
+def test_uniform_qwen3_with_attention_recovery_only_is_stock(make_tiny_model, tiny_tokenizer, tmp_path):
+    """Qwen3's attention_bias covers q/k/v/o: an o_proj recovery bias alone fits the stock config."""
+    model = make_tiny_model("qwen3", num_heads=4, num_kv_heads=2)
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        keep_heads(adapter, layer, [1, 2])
+        set_linear(adapter.attention(layer).o_proj, bias=torch.linspace(-1, 1, 64))
+    expected = _logits(model)
+    out = checkpoint.save_pruned(model, tiny_tokenizer, tmp_path / "out", {})
+    config = _config(out)
+    assert config["model_type"] == "qwen3" and config["attention_bias"] is True
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(_logits(reloaded), expected)
+    _assert_same_weights(model, reloaded)

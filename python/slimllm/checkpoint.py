@@ -15,11 +15,13 @@ Two config flavours:
   state-dict key and shape). ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``
   (explicit) and ``intermediate_size`` are the pruned ones. For Llama, recovery biases on
   o_proj / down_proj are kept with ``attention_bias`` / ``mlp_bias`` = True and zero biases
-  stored for q/k/v / gate/up. Loads with plain ``AutoModelForCausalLM.from_pretrained(DIR)``.
+  stored for q/k/v / gate/up (Qwen3 likewise with ``attention_bias`` for an o_proj bias). Loads
+  with plain ``AutoModelForCausalLM.from_pretrained(DIR)``.
 - **per-layer** (remote code): ``model_type`` ``slimllm_<family>``, ``slimllm_layers`` (one
   shape + bias list per layer), ``auto_map`` to ``modeling_slimllm.py`` copied into the folder
   (see :mod:`slimllm.modeling_slimllm`). Used for non-uniform shapes and for families whose stock
-  config has no place for the recovery biases (mistral, qwen2, qwen3). Loads with
+  config has no place for the recovery biases (mistral and qwen2: no o_proj/down_proj bias;
+  qwen3: no down_proj bias). Loads with
   :func:`load_pruned` (no remote code needed) or ``AutoModelForCausalLM.from_pretrained(DIR,
   trust_remote_code=True)``.
 """
@@ -531,8 +533,11 @@ def _stock_candidate(
         head_dim=shape.head_dim,
         intermediate_size=shape.intermediate_size,
     )
-    if family == "llama":
+    # families whose config has the flags (llama: both; qwen3: attention_bias) get them set from
+    # the biases present; zero biases fill the rest of the stock layout below
+    if "attention_bias" in data:
         data["attention_bias"] = any(n in biases[0] for n in _ATTENTION_PROJECTIONS)
+    if "mlp_bias" in data:
         data["mlp_bias"] = any(n in biases[0] for n in _MLP_PROJECTIONS)
     try:
         config = AutoConfig.for_model(family, **data)
