@@ -228,15 +228,25 @@ fn mat(buf: &[f64], rows: usize, cols: usize) -> MatRef<'_, f64> {
     MatRef::from_row_major_slice(buf, rows, cols)
 }
 
-/// Row-major copy of a faer matrix.
+/// Row-major copy of a faer matrix (any strides), tiled by blocks of rows so that both the
+/// reads (down a column) and the writes (along rows) stay in cache; parallel over row blocks.
 fn mat_to_array(m: MatRef<'_, f64>) -> Array2<f64> {
+    const BLOCK: usize = 64;
     let (r, c) = (m.nrows(), m.ncols());
     let mut v = vec![0.0f64; r * c];
-    v.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| {
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = m[(i, j)];
-        }
-    });
+    if c > 0 {
+        v.par_chunks_mut(BLOCK * c).enumerate().for_each(|(b, chunk)| {
+            let i0 = b * BLOCK;
+            let rows = chunk.len() / c;
+            let block = m.subrows(i0, rows);
+            for j in 0..c {
+                let col = block.col(j);
+                for i in 0..rows {
+                    chunk[i * c + j] = col[i];
+                }
+            }
+        });
+    }
     Array2::from_shape_vec((r, c), v).expect("shape matches length")
 }
 
@@ -300,8 +310,8 @@ impl Moments {
     /// S = sum x x^T, float64 array (dim, dim), symmetric (a copy).
     #[getter]
     fn gram<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray2<f64>> {
-        let g = self.inner.gram();
-        let a = py.detach(|| mat_to_array(g));
+        let inner = &self.inner;
+        let a = py.detach(|| mat_to_array(inner.gram()));
         a.into_pyarray(py)
     }
 
