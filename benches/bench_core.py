@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from slimllm import _core
 
 
@@ -234,8 +233,11 @@ def bench_shape(sh: Shape, repeat: int, rows: list):
             flush=True,
         )
 
-    print(f"{sh.name}: d={sh.d} H={sh.heads} G={sh.kv_heads} h={sh.head_dim} F={sh.ffn} "
-          f"N={sh.tokens}, {repeat} repetition(s)", flush=True)
+    print(
+        f"{sh.name}: d={sh.d} H={sh.heads} G={sh.kv_heads} h={sh.head_dim} F={sh.ffn} "
+        f"N={sh.tokens}, {repeat} repetition(s)",
+        flush=True,
+    )
 
     # Moments.update over N tokens (float32 activations, float64 sums)
     def core_update():
@@ -267,24 +269,37 @@ def bench_shape(sh: Shape, repeat: int, rows: list):
     )
     same = sel.kept == sel_np[0] and sel.swaps == sel_np[3]
     err = max(rel_err(sc, sc_np), abs(sel.objective - sel_np[1]) / sel_np[1])
-    row(f"head_scores+select_heads ({sh.mode})", t_core, t_np, err if same else math.inf, 1e-9,
-        f"pruned {len(sel.pruned)} heads, {sel.swaps} swap(s)")
+    row(
+        f"head_scores+select_heads ({sh.mode})",
+        t_core,
+        t_np,
+        err if same else math.inf,
+        1e-9,
+        f"pruned {len(sel.pruned)} heads, {sel.swaps} swap(s)",
+    )
 
     args = (in_sumsq, act_sumsq, y_cov, w_gate, w_up, w_down)
     t_core, cs = timed(lambda: _core.channel_scores(*args), repeat)
     t_np, cs_np = timed(lambda: np_channel_scores(*args), repeat)
-    row("channel_scores", t_core, t_np, max(rel_err(a, b) for a, b in zip(cs, cs_np)), 1e-8)
+    err = max(rel_err(a, b) for a, b in zip(cs, cs_np, strict=True))
+    row("channel_scores", t_core, t_np, err, 1e-8)
 
     t_core, fit = timed(lambda: _core.affine_fit_heads(acc, w_o, m, sel.kept), repeat)
     t_np, fit_np = timed(lambda: np_affine_fit_heads(n, s, m, w_o, sel.kept, sh.heads), repeat)
-    row("affine_fit_heads", t_core, t_np, max(rel_err(a, b) for a, b in zip(fit, fit_np)), 1e-8)
+    err = max(rel_err(a, b) for a, b in zip(fit, fit_np, strict=True))
+    row("affine_fit_heads", t_core, t_np, err, 1e-8)
 
     h = sh.head_dim
     kept_cols = [a * h + i for a in sel.kept for i in range(h)]
     t_core, rec = timed(lambda: _core.ridge_reconstruct(acc, w_o, kept_cols, 0.01), repeat)
     t_np, rec_np = timed(lambda: np_ridge(n, s, gram, w_o, kept_cols, 0.01), repeat)
-    row(f"ridge_reconstruct ({len(kept_cols)} kept cols)", t_core, t_np,
-        max(rel_err(a, b) for a, b in zip(rec, rec_np)), 1e-7)
+    row(
+        f"ridge_reconstruct ({len(kept_cols)} kept cols)",
+        t_core,
+        t_np,
+        max(rel_err(a, b) for a, b in zip(rec, rec_np, strict=True)),
+        1e-7,
+    )
 
 
 def main(argv=None) -> int:
@@ -309,8 +324,10 @@ def main(argv=None) -> int:
     print("| --- | --- | ---: | ---: | ---: | --- |")
     for shape, kernel, t_core, t_np, ok, err, note in rows:
         kernel = f"{kernel}; {note}" if note else kernel
-        print(f"| {shape} | {kernel} | {t_core * 1e3:.1f} | {t_np * 1e3:.1f} | "
-              f"{t_np / t_core:.2f} | {'yes' if ok else 'NO'} ({err:.1e}) |")
+        print(
+            f"| {shape} | {kernel} | {t_core * 1e3:.1f} | {t_np * 1e3:.1f} | "
+            f"{t_np / t_core:.2f} | {'yes' if ok else 'NO'} ({err:.1e}) |"
+        )
     return 0 if all(r[4] for r in rows) else 1
 
 

@@ -78,12 +78,16 @@ class Attention:
     cov: np.ndarray
 
 
-def attention(num_heads: int, num_kv_heads: int, head_dim: int, n: int, d: int, seed: int) -> Attention:
+def attention(
+    num_heads: int, num_kv_heads: int, head_dim: int, n: int, d: int, seed: int
+) -> Attention:
     rng = np.random.default_rng(seed)
     x = attention_input(rng, n, num_heads, head_dim)
     w_o = weight(rng, d, num_heads * head_dim)
     outs = head_outputs(x, w_o, num_heads)
-    return Attention(num_heads, num_kv_heads, head_dim, x, w_o, outs, pair_stats(outs), moments(x).cov)
+    return Attention(
+        num_heads, num_kv_heads, head_dim, x, w_o, outs, pair_stats(outs), moments(x).cov
+    )
 
 
 # ---------------------------------------------------------------------------- moments

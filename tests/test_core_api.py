@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import slimllm
 from slimllm import _core
 
@@ -43,7 +42,9 @@ def test_raised_errors_carry_the_rust_message():
     with pytest.raises(slimllm.SlimLLMError) as info:
         _core.Moments(3).update(np.zeros((2, 4)))
     assert type(info.value) is _core.ShapeMismatchError
-    assert str(info.value).startswith("shape mismatch for ") and "expected 3, got 4" in str(info.value)
+    assert str(info.value).startswith("shape mismatch for ") and "expected 3, got 4" in str(
+        info.value
+    )
     with pytest.raises(_core.InvalidRatioError, match=r"invalid value for .*: -1"):
         _core.select_channels(np.ones(4), 1, protect_lowest=-1.0)
 
@@ -69,7 +70,9 @@ def test_stub_signatures_match_runtime():
     for node in stub_tree().body:
         if isinstance(node, ast.FunctionDef):
             params = [a.arg for a in node.args.args]
-            assert list(inspect.signature(getattr(_core, node.name)).parameters) == params, node.name
+            assert list(inspect.signature(getattr(_core, node.name)).parameters) == params, (
+                node.name
+            )
         elif isinstance(node, ast.ClassDef) and not node.name.endswith("Error"):
             cls = getattr(_core, node.name)
             for item in node.body:
@@ -81,7 +84,9 @@ def test_stub_signatures_match_runtime():
                 if is_prop:
                     assert inspect.isdatadescriptor(attr), f"{node.name}.{item.name} is a property"
                 elif item.name == "__init__":
-                    assert list(inspect.signature(cls).parameters) == [a.arg for a in item.args.args[1:]]
+                    assert list(inspect.signature(cls).parameters) == [
+                        a.arg for a in item.args.args[1:]
+                    ]
                 else:
                     sig = inspect.signature(getattr(cls, item.name))
                     assert [p for p in sig.parameters if p != "self"] == [
@@ -101,7 +106,9 @@ def test_every_public_object_is_documented():
         if isinstance(obj, type) and not issubclass(obj, BaseException):
             for attr, value in vars(obj).items():
                 if not attr.startswith("_"):
-                    assert getattr(value, "__doc__", None) or name == "HeadSelection", f"{name}.{attr}"
+                    assert getattr(value, "__doc__", None) or name == "HeadSelection", (
+                        f"{name}.{attr}"
+                    )
     assert "DESIGN.md" in _core.Moments.__doc__
 
 

@@ -3,12 +3,10 @@ per-channel intermediate activations (DESIGN.md section 3; paper section 3.3).""
 
 from __future__ import annotations
 
+import bruteforce as bf
 import numpy as np
 import pytest
-
-import bruteforce as bf
-from slimllm import _core
-from slimllm import InvalidCountError, InvalidRatioError, NonFiniteError, ShapeMismatchError
+from slimllm import InvalidCountError, InvalidRatioError, NonFiniteError, ShapeMismatchError, _core
 
 ARGS = ("in_sumsq", "act_sumsq", "y_cov", "w_gate", "w_up", "w_down")
 
@@ -40,7 +38,7 @@ def test_channel_scores_match_bruteforce(n, d, f):
     m = bf.mlp(np.random.default_rng(d), n, d, f)
     gate, up, down = _core.channel_scores(**core_inputs(m))
     ref = bf.channel_scores(m)
-    for name, got, exp in zip(("gate", "up", "down"), (gate, up, down), ref):
+    for name, got, exp in zip(("gate", "up", "down"), (gate, up, down), ref, strict=True):
         assert got.shape == (f,) and got.dtype == np.float64
         bf.assert_close(got, exp, 1e-8, name)
     # and the total ranks channels the same way
@@ -58,7 +56,10 @@ def test_channel_scores_float32_inputs():
     args32 = {k: v.astype(np.float32) for k, v in args.items()}
     args64 = {k: v.astype(np.float64) for k, v in args32.items()}
     for got, exp, ref in zip(
-        _core.channel_scores(**args32), _core.channel_scores(**args64), bf.channel_scores(m)
+        _core.channel_scores(**args32),
+        _core.channel_scores(**args64),
+        bf.channel_scores(m),
+        strict=True,
     ):
         bf.assert_close(got, exp, 1e-10, "float32 vs float64 of same values")
         bf.assert_close(got, ref, 1e-4, "float32 vs exact")
@@ -79,7 +80,9 @@ def test_channel_scores_degenerate_inputs():
     bf.assert_close(down, 0.5 * np.sqrt(act) * np.linalg.norm(w_down, axis=0), 1e-12, "down")
     # a dead channel (zero activation) scores 0 in I_down
     act[3] = 0.0
-    assert _core.channel_scores(np.ones(d), act, mom.covariance(), w_gate, w_up, w_down)[2][3] == 0.0
+    assert (
+        _core.channel_scores(np.ones(d), act, mom.covariance(), w_gate, w_up, w_down)[2][3] == 0.0
+    )
 
 
 @pytest.mark.parametrize("arg", ARGS)
@@ -136,7 +139,9 @@ def test_select_channels_rounding_and_default():
         np.testing.assert_array_equal(_core.select_channels(scores, 7), np.arange(skip, skip + 7))
     # all scores equal: lowest indices after the protected ones
     np.testing.assert_array_equal(_core.select_channels(np.ones(500), 10), np.arange(5, 15))
-    np.testing.assert_array_equal(_core.select_channels(np.ones(500), 0), np.array([], dtype=np.int64))
+    np.testing.assert_array_equal(
+        _core.select_channels(np.ones(500), 0), np.array([], dtype=np.int64)
+    )
 
 
 def test_select_channels_errors():

@@ -3,12 +3,10 @@ materialises every head's per-token output (DESIGN.md section 2; paper Algorithm
 
 from __future__ import annotations
 
+import bruteforce as bf
 import numpy as np
 import pytest
-
-import bruteforce as bf
-from slimllm import _core
-from slimllm import InvalidCountError, NonFiniteError, ShapeMismatchError
+from slimllm import InvalidCountError, NonFiniteError, ShapeMismatchError, _core
 
 N_TOKENS = 384
 OUT_DIM = {64: 192, 128: 96}  # d per head size: smaller than D where it helps speed
@@ -78,7 +76,10 @@ def test_head_scores_match_bruteforce(case: Case):
 def test_head_objective_matches_bruteforce(case: Case):
     rng = np.random.default_rng(case.H)
     subsets = [list(range(case.H)), [], [0], [case.H - 1, 0]]
-    subsets += [sorted(rng.choice(case.H, size=k, replace=False).tolist()) for k in (2, case.H // 2, case.H - 1)]
+    subsets += [
+        sorted(rng.choice(case.H, size=k, replace=False).tolist())
+        for k in (2, case.H // 2, case.H - 1)
+    ]
     for kept in subsets:
         got = _core.head_objective(case.m, kept)
         ref = bf.objective(case.outs, kept)
@@ -99,10 +100,24 @@ def selection_params():
         if h_ == g_:  # MHA: one query head per KV group
             runs = [("kv-group", h_, 8), ("kv-group", h_, 13), ("uniform", 1, 8)]
         else:
-            runs = [("uniform", g_, g_), ("uniform", g_, 2 * g_), ("kv-group", g_, 1), ("kv-group", g_, 2)]
+            runs = [
+                ("uniform", g_, g_),
+                ("uniform", g_, 2 * g_),
+                ("kv-group", g_, 1),
+                ("kv-group", g_, 2),
+            ]
         for mode, g, n in runs:
             for greedy in (True, False):
-                out.append(pytest.param((h_, g_, hd), mode, g, n, greedy, id=f"H{h_}-G{g_}-{mode}-G{g}-p{n}-{'greedy' if greedy else 'plain'}"))
+                out.append(
+                    pytest.param(
+                        (h_, g_, hd),
+                        mode,
+                        g,
+                        n,
+                        greedy,
+                        id=f"H{h_}-G{g_}-{mode}-G{g}-p{n}-{'greedy' if greedy else 'plain'}",
+                    )
+                )
     return out
 
 
@@ -157,7 +172,12 @@ def test_greedy_swaps_repair_redundant_head_pairs():
     total = 0
     for seed in (2, 3):
         m, outs = redundant_pairs_case(seed)
-        for mode, g, n in (("uniform", 1, 4), ("uniform", 2, 4), ("kv-group", 4, 2), ("uniform", 1, 3)):
+        for mode, g, n in (
+            ("uniform", 1, 4),
+            ("uniform", 2, 4),
+            ("kv-group", 4, 2),
+            ("uniform", 1, 3),
+        ):
             sel = _core.select_heads(m, n, g, mode=mode)
             ref, ref_kv = bf.select_heads(outs, n, g, mode, True)
             assert (sel.pruned, sel.pruned_kv_heads, sel.swaps) == (ref.pruned, ref_kv, ref.swaps)

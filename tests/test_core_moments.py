@@ -5,16 +5,15 @@ DESIGN.md section 2 (first paragraph), section 3 and section 4 (numerics, bad in
 
 from __future__ import annotations
 
+import bruteforce as bf
 import numpy as np
 import pytest
-
-import bruteforce as bf
-from slimllm import _core
 from slimllm import (
     EmptyAccumulatorError,
     NonFiniteError,
     ShapeMismatchError,
     SlimLLMError,
+    _core,
 )
 
 
@@ -85,7 +84,9 @@ def test_moments_float32_matches_float64_of_same_values():
 
 def test_moments_merge_equals_one_shot():
     rng = np.random.default_rng(3)
-    parts = [rng.standard_normal((n, 24)) * 2 + shift for n, shift in ((50, 5.0), (1, -3.0), (333, 0.0))]
+    parts = [
+        rng.standard_normal((n, 24)) * 2 + shift for n, shift in ((50, 5.0), (1, -3.0), (333, 0.0))
+    ]
     whole = np.concatenate(parts)
     one_shot = _core.Moments(24)
     feed(one_shot, whole, [50, 1])
@@ -282,7 +283,7 @@ def test_paired_moments_dtypes_and_errors():
     b.update(pruned.astype(np.float64), full.astype(np.float64))
     c.update(pruned, full.astype(np.float64))  # mixed dtypes: float32 upcast
     for other in (b, c):
-        for x, y in zip(_core.affine_from_paired(a), _core.affine_from_paired(other)):
+        for x, y in zip(_core.affine_from_paired(a), _core.affine_from_paired(other), strict=True):
             bf.assert_close(x, y, bf.rtol_for(100), "float32 vs float64")
 
     before = _core.affine_from_paired(a)
@@ -291,7 +292,7 @@ def test_paired_moments_dtypes_and_errors():
     with pytest.raises(NonFiniteError):
         a.update(pruned, bad)
     assert a.count == 100
-    for x, y in zip(before, _core.affine_from_paired(a)):
+    for x, y in zip(before, _core.affine_from_paired(a), strict=True):
         np.testing.assert_array_equal(x, y)
     with pytest.raises(ShapeMismatchError):
         a.update(pruned[:, :4].copy(), full[:, :4].copy())

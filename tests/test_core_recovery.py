@@ -3,11 +3,9 @@ coordinate and np.linalg.solve on materialised data (DESIGN.md sections 2 and 3)
 
 from __future__ import annotations
 
+import bruteforce as bf
 import numpy as np
 import pytest
-
-import bruteforce as bf
-from slimllm import _core
 from slimllm import (
     EmptyAccumulatorError,
     InvalidCountError,
@@ -15,6 +13,7 @@ from slimllm import (
     NonFiniteError,
     NotPositiveDefiniteError,
     ShapeMismatchError,
+    _core,
 )
 
 N_TOKENS = 320
@@ -71,8 +70,10 @@ def test_affine_fit_heads_float32_weights(layer):
     w32 = ref.w_o.astype(np.float32)
     m32 = _core.head_pair_stats(acc.covariance(), w32, ref.num_heads)
     got = _core.affine_fit_heads(acc, w32, m32.astype(np.float32), kept)
-    exp = _core.affine_fit_heads(acc, w32.astype(np.float64), m32.astype(np.float32).astype(np.float64), kept)
-    for a, b in zip(got, exp):
+    exp = _core.affine_fit_heads(
+        acc, w32.astype(np.float64), m32.astype(np.float32).astype(np.float64), kept
+    )
+    for a, b in zip(got, exp, strict=True):
         bf.assert_close(a, b, bf.rtol_for(N_TOKENS), "float32 vs float64 of same values")
     outs = bf.head_outputs(ref.x, w32.astype(np.float64), ref.num_heads)
     ref_scale, _ = bf.affine_fit(outs[kept].sum(0), outs.sum(0))
@@ -154,7 +155,9 @@ def test_affine_from_paired_mlp_recovery():
     pruned[:, 5] = 0.25  # a coordinate with zero variance in the pruned output
     paired = _core.PairedMoments(48)
     for lo in range(0, 400, 64):
-        paired.update(np.ascontiguousarray(pruned[lo : lo + 64]), np.ascontiguousarray(mlp.y[lo : lo + 64]))
+        paired.update(
+            np.ascontiguousarray(pruned[lo : lo + 64]), np.ascontiguousarray(mlp.y[lo : lo + 64])
+        )
     scale, bias = _core.affine_from_paired(paired)
     check_affine(scale, bias, pruned, mlp.y, "paired")
     assert scale[5] == 1.0
