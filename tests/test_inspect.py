@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from slimllm import checkpoint, slicing
 from slimllm.adapters import get_adapter
 from slimllm.cli import main
@@ -22,7 +21,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _report(model, dense_shapes, kept_shapes) -> dict:
-    """A small report in the pipeline's format (parameters, config, calibration, layers, timings)."""
+    """A small report in the pipeline's format (parameters, config, calibration, layers,
+    timings)."""
     after = count_parameters(model)
     before = after + 10_000
     return {
@@ -33,7 +33,11 @@ def _report(model, dense_shapes, kept_shapes) -> dict:
         "num_layers": len(kept_shapes),
         "config": {"ratio": 0.25, "recovery": "affine", "head_mode": "kv-group", "greedy": True},
         "calibration": {
-            "source": "unit-test.txt", "kind": "text", "num_samples": 4, "seq_len": 16, "seed": 0
+            "source": "unit-test.txt",
+            "kind": "text",
+            "num_samples": 4,
+            "seq_len": 16,
+            "seed": 0,
         },
         "parameters": {
             "before": before,
@@ -96,12 +100,16 @@ def test_pruned_counts_equal_memory(pruned):
     folder, model = pruned
     info = inspect_folder(folder)
     assert info.config_format == "per-layer" and info.family == "llama"
-    assert [(x.num_heads, x.num_kv_heads, x.head_dim, x.intermediate_size) for x in info.layers] == [
+    assert [
+        (x.num_heads, x.num_kv_heads, x.head_dim, x.intermediate_size) for x in info.layers
+    ] == [
         (2, 2, 16, 96),
         (4, 2, 16, 40),
         (2, 1, 16, 64),
     ]
-    assert [(x.attention_params, x.mlp_params, x.norm_params) for x in info.layers] == _memory_counts(model)
+    assert [
+        (x.attention_params, x.mlp_params, x.norm_params) for x in info.layers
+    ] == _memory_counts(model)
     assert info.layers[2].biases == ("o_proj", "down_proj")
     assert info.embedding_params == model.model.embed_tokens.weight.numel()
     assert not info.tied_embeddings and info.lm_head_params == model.lm_head.weight.numel()
@@ -138,7 +146,9 @@ def test_cli_json_and_table(pruned, capsys):
     assert main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out
     assert f"total           {count_parameters(model):,}" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line[:5].strip().isdigit()}
+    rows = {
+        line.split()[0]: line.split() for line in out.splitlines() if line[:5].strip().isdigit()
+    }
     assert rows["2"][1:5] == ["4->2", "2->1", "16", "96->64"]
     assert "target ratio 25.00%" in out
     assert "calibration: source=unit-test.txt" in out
@@ -186,9 +196,13 @@ def test_dense_folder(make_tiny_model, tiny_tokenizer, tmp_path, capsys):
     tiny_tokenizer.save_pretrained(folder)
     info = inspect_folder(folder)
     assert info.config_format == "stock" and info.family == "qwen2" and info.report is None
-    assert [(x.num_heads, x.num_kv_heads, x.intermediate_size) for x in info.layers] == [(4, 2, 96)] * 2
+    assert [(x.num_heads, x.num_kv_heads, x.intermediate_size) for x in info.layers] == [
+        (4, 2, 96)
+    ] * 2
     assert [x.biases for x in info.layers] == [("q_proj", "k_proj", "v_proj")] * 2
-    assert [(x.attention_params, x.mlp_params, x.norm_params) for x in info.layers] == _memory_counts(model)
+    assert [
+        (x.attention_params, x.mlp_params, x.norm_params) for x in info.layers
+    ] == _memory_counts(model)
     assert info.tied_embeddings and info.lm_head_params == 0
     assert info.total_params == count_parameters(model)
     assert all(x.removed_fraction(64) is None for x in info.layers)
@@ -211,10 +225,18 @@ def test_stock_pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path):
     checkpoint.save_pruned(model, tiny_tokenizer, folder, {})
     info = inspect_folder(folder)
     assert info.config_format == "stock" and info.model_type == "qwen3"
-    assert [(x.num_heads, x.num_kv_heads, x.intermediate_size) for x in info.layers] == [(2, 2, 48)] * 2
+    assert [(x.num_heads, x.num_kv_heads, x.intermediate_size) for x in info.layers] == [
+        (2, 2, 48)
+    ] * 2
     # qwen3's q_norm/k_norm (size head_dim) count as attention parameters
-    assert [(x.attention_params, x.mlp_params, x.norm_params) for x in info.layers] == _memory_counts(model)
-    assert info.total_params == count_parameters(model) == count_parameters(checkpoint.load_pruned(folder))
+    assert [
+        (x.attention_params, x.mlp_params, x.norm_params) for x in info.layers
+    ] == _memory_counts(model)
+    assert (
+        info.total_params
+        == count_parameters(model)
+        == count_parameters(checkpoint.load_pruned(folder))
+    )
     assert info.report == summarize_report({})
 
 
@@ -223,8 +245,12 @@ def test_real_pipeline_report(make_tiny_model, tiny_tokenizer, tmp_path):
     from slimllm.pipeline import PruneConfig, prune_model
 
     model = make_tiny_model("llama", layers=3)
-    calib = torch.randint(0, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0))
-    model, report = prune_model(model, tiny_tokenizer, calib, PruneConfig(ratio=0.2, progress=False))
+    calib = torch.randint(
+        0, len(tiny_tokenizer), (4, 16), generator=torch.Generator().manual_seed(0)
+    )
+    model, report = prune_model(
+        model, tiny_tokenizer, calib, PruneConfig(ratio=0.2, progress=False)
+    )
     folder = tmp_path / "real"
     checkpoint.save_pruned(model, tiny_tokenizer, folder, report)
     info = inspect_folder(folder)
@@ -234,11 +260,15 @@ def test_real_pipeline_report(make_tiny_model, tiny_tokenizer, tmp_path):
     assert rep["achieved_ratio"] == pytest.approx(report["parameters"]["achieved_ratio"])
     expected = [e["importance"] for e in report["layers"]]
     assert [e["importance"] for e in rep["layers"]] == pytest.approx(expected)
-    assert [e["ratio"] for e in rep["layers"]] == pytest.approx([e["ratio"] for e in report["layers"]])
+    assert [e["ratio"] for e in rep["layers"]] == pytest.approx(
+        [e["ratio"] for e in report["layers"]]
+    )
     assert [(x.num_heads, x.intermediate_size) for x in info.layers] == [
         (e["num_heads"][1], e["intermediate_size"][1]) for e in report["layers"]
     ]
-    assert [(x.attention_params, x.mlp_params, x.norm_params) for x in info.layers] == _memory_counts(model)
+    assert [
+        (x.attention_params, x.mlp_params, x.norm_params) for x in info.layers
+    ] == _memory_counts(model)
     assert "achieved" in format_info(info)
 
 
@@ -248,7 +278,9 @@ def test_report_tolerance(pruned, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(pruned[0], folder)
     report = folder / checkpoint.REPORT_NAME
-    report.write_text(json.dumps({"layers": [{"index": 0}, {"index": 1, "ratio": "x"}], "timings": {}}))
+    report.write_text(
+        json.dumps({"layers": [{"index": 0}, {"index": 1, "ratio": "x"}], "timings": {}})
+    )
     info = inspect_folder(folder)
     assert info.report["target_ratio"] is None and info.report["layers"][1]["ratio"] is None
     assert "per-layer" in format_info(info)
@@ -292,7 +324,9 @@ def test_errors(pruned, tmp_path, capsys):
     config = json.loads((mismatch / "config.json").read_text())
     config["slimllm_layers"][1]["intermediate_size"] = 41
     (mismatch / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="layer 1: config.json says 4 heads, 2 KV heads, 41 channels"):
+    with pytest.raises(
+        CheckpointError, match="layer 1: config.json says 4 heads, 2 KV heads, 41 channels"
+    ):
         inspect_folder(mismatch)
 
 
@@ -305,7 +339,9 @@ def test_sharded_dense_folder(make_tiny_model, tmp_path):
     info = inspect_folder(folder)
     assert len(info.weight_files) > 1
     assert info.total_params == count_parameters(model)
-    assert [(x.attention_params, x.mlp_params, x.norm_params) for x in info.layers] == _memory_counts(model)
+    assert [
+        (x.attention_params, x.mlp_params, x.norm_params) for x in info.layers
+    ] == _memory_counts(model)
     sorted(folder.glob("*.safetensors"))[-1].unlink()
     with pytest.raises(CheckpointError, match="missing"):
         inspect_folder(folder)

@@ -108,9 +108,17 @@ class LayerInfo:
         ``(2 H h + 2 G h) d + 3 F d``; with ``dense=True`` for the shape before pruning
         (``None`` when unknown)."""
         if dense:
-            if None in (self.dense_num_heads, self.dense_num_kv_heads, self.dense_intermediate_size):
+            if None in (
+                self.dense_num_heads,
+                self.dense_num_kv_heads,
+                self.dense_intermediate_size,
+            ):
                 return None
-            heads, kv, ff = self.dense_num_heads, self.dense_num_kv_heads, self.dense_intermediate_size
+            heads, kv, ff = (
+                self.dense_num_heads,
+                self.dense_num_kv_heads,
+                self.dense_intermediate_size,
+            )
         else:
             heads, kv, ff = self.num_heads, self.num_kv_heads, self.intermediate_size
         return (2 * heads * self.head_dim + 2 * kv * self.head_dim + 3 * ff) * hidden_size
@@ -224,7 +232,9 @@ def _read_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], set[st
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():
                     if name in shapes:
-                        raise CheckpointError(f"tensor {name} is stored twice (again in {path.name})")
+                        raise CheckpointError(
+                            f"tensor {name} is stored twice (again in {path.name})"
+                        )
                     piece = handle.get_slice(name)
                     shapes[name] = tuple(int(n) for n in piece.get_shape())
                     code = piece.get_dtype()
@@ -237,11 +247,15 @@ def _read_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], set[st
 def _config_int(config: dict[str, Any], key: str, where: str) -> int:
     value = config.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise CheckpointError(f"{where}: config.json {key} must be a positive integer, got {value!r}")
+        raise CheckpointError(
+            f"{where}: config.json {key} must be a positive integer, got {value!r}"
+        )
     return value
 
 
-def _config_layer_specs(config: dict[str, Any], n_layers: int, per_layer: bool, where: str) -> list[dict]:
+def _config_layer_specs(
+    config: dict[str, Any], n_layers: int, per_layer: bool, where: str
+) -> list[dict]:
     """The (num_heads, num_kv_heads, head_dim, intermediate_size) config.json gives each block."""
     if per_layer:
         from slimllm.modeling_slimllm import LAYERS_KEY
@@ -426,21 +440,25 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
         )
     ((embed_name, embed_shape),) = embed.items()
     if len(embed_shape) != 2 or embed_shape[1] != hidden:
-        raise CheckpointError(f"{where}: {embed_name} has shape {embed_shape}, expected (vocab, {hidden})")
+        raise CheckpointError(
+            f"{where}: {embed_name} has shape {embed_shape}, expected (vocab, {hidden})"
+        )
     lm_head = {k: v for k, v in top.items() if k.split(".", 1)[0] == "lm_head"}
     lm_head_stored = bool(lm_head)
     config_tied = config.get("tie_word_embeddings")
     if not lm_head_stored:
         if config_tied is False:
             raise CheckpointError(
-                f"{where}: config.json sets tie_word_embeddings false but the weights have no lm_head"
+                f"{where}: config.json sets tie_word_embeddings false but the weights have "
+                "no lm_head"
             )
         tied = True
     else:
         tied = bool(config_tied)
         if lm_head.get("lm_head.weight") != embed_shape:
             raise CheckpointError(
-                f"{where}: lm_head.weight has shape {lm_head.get('lm_head.weight')}, expected {embed_shape}"
+                f"{where}: lm_head.weight has shape {lm_head.get('lm_head.weight')}, "
+                f"expected {embed_shape}"
             )
     lm_head_params = 0 if tied else sum(_numel(s) for s in lm_head.values())
     other = {k: v for k, v in top.items() if k not in embed and k not in lm_head}
@@ -477,7 +495,9 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
 def _attach_dense_shapes(info: ModelInfo) -> None:
     """Copy the report's per-layer dense shapes into ``info.layers``; warn where the report's
     kept counts differ from the weights."""
-    entries = {e["index"]: e for e in info.report.get("layers") or [] if isinstance(e.get("index"), int)}
+    entries = {
+        e["index"]: e for e in info.report.get("layers") or [] if isinstance(e.get("index"), int)
+    }
     if entries and len(entries) != info.num_layers:
         info.warnings.append(
             f"the report describes {len(entries)} layers, the weights hold {info.num_layers}"
@@ -608,7 +628,9 @@ def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
 
 def _table(headers: list[str], rows: list[list[Any]], left: tuple[int, ...] = ()) -> list[str]:
     """Columns right-aligned (those in ``left`` left-aligned), two spaces apart."""
-    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [[str(c) for c in headers]] + [
+        ["-" if c is None else str(c) for c in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for r in cells:
@@ -682,8 +704,19 @@ def format_info(info: ModelInfo) -> str:
             ]
         )
     lines += _table(
-        ["layer", "heads", "kv", "head_dim", "channels", "attention", "mlp", "norms", "total",
-         "removed", "biases"],
+        [
+            "layer",
+            "heads",
+            "kv",
+            "head_dim",
+            "channels",
+            "attention",
+            "mlp",
+            "norms",
+            "total",
+            "removed",
+            "biases",
+        ],
         rows,
         left=(10,),
     )
@@ -698,7 +731,11 @@ def format_info(info: ModelInfo) -> str:
             ["  attention", _count(sum(x.attention_params for x in info.layers)), ""],
             ["  mlp", _count(sum(x.mlp_params for x in info.layers)), ""],
             ["  norms", _count(sum(x.norm_params for x in info.layers)), ""],
-            ["embeddings", _count(info.embedding_params), f"{info.vocab_size:,} x {info.hidden_size}"],
+            [
+                "embeddings",
+                _count(info.embedding_params),
+                f"{info.vocab_size:,} x {info.hidden_size}",
+            ],
             ["lm_head", _count(info.lm_head_params), lm_head],
             ["other", _count(info.other_params), "final norm"],
             ["total", _count(info.total_params), ""],
@@ -714,12 +751,17 @@ def format_info(info: ModelInfo) -> str:
 def _format_report(info: ModelInfo) -> list[str]:
     rep = info.report
     if rep is None:
-        return ["", "no slimllm_report.json (not a slimllm-pruned folder, or the report was removed)"]
+        return [
+            "",
+            "no slimllm_report.json (not a slimllm-pruned folder, or the report was removed)",
+        ]
     lines = ["", "pruning report (slimllm_report.json):"]
     if rep.get("method"):
         lines.append(f"  method: {rep['method']}")
     if rep.get("model"):
-        lines.append(f"  source model: {rep['model']}" + (f" ({rep['dtype']})" if rep.get("dtype") else ""))
+        lines.append(
+            f"  source model: {rep['model']}" + (f" ({rep['dtype']})" if rep.get("dtype") else "")
+        )
     params = rep.get("parameters", {})
     target = _pct(rep.get("target_ratio")) or "per-layer"
     ratio = f"  target ratio {target}, achieved {_pct(rep.get('achieved_ratio')) or '?'}"
@@ -759,11 +801,23 @@ def _format_report(info: ModelInfo) -> list[str]:
                 ]
             )
         lines += ["  per layer (importance: dense mean cos(h_in, h_out); cos: after pruning):"]
-        lines += ["  " + line for line in _table(
-            ["layer", "importance", "ratio", "heads", "kv", "channels", "clamped", "cos(in,out)",
-             "cos vs dense"],
-            rows,
-        )]
+        lines += [
+            "  " + line
+            for line in _table(
+                [
+                    "layer",
+                    "importance",
+                    "ratio",
+                    "heads",
+                    "kv",
+                    "channels",
+                    "clamped",
+                    "cos(in,out)",
+                    "cos vs dense",
+                ],
+                rows,
+            )
+        ]
     timings = rep.get("timings") or {}
     if timings:
         order = sorted(timings, key=lambda k: (k == "total", -timings[k]))
@@ -840,20 +894,33 @@ def plot_info(info: ModelInfo, path: str | os.PathLike) -> Path:
     fig.suptitle(title, fontsize=11)
 
     def no_data(ax, what: str) -> None:
-        ax.text(0.5, 0.5, f"no {what} (no slimllm_report.json)", ha="center", va="center",
-                transform=ax.transAxes, color="0.4")
+        ax.text(
+            0.5,
+            0.5,
+            f"no {what} (no slimllm_report.json)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="0.4",
+        )
 
     importance = series("importance")
     if any(not math.isnan(v) for v in importance):
-        ax_imp.plot(x, importance, "o-", color="tab:blue", label="importance: dense cos(h_in, h_out)")
+        ax_imp.plot(
+            x, importance, "o-", color="tab:blue", label="importance: dense cos(h_in, h_out)"
+        )
         after = series("layer_cosine")
         if any(not math.isnan(v) for v in after):
-            ax_imp.plot(x, after, "s--", color="tab:orange", ms=4, label="pruned block cos(h_in, h_out)")
+            ax_imp.plot(
+                x, after, "s--", color="tab:orange", ms=4, label="pruned block cos(h_in, h_out)"
+            )
         ax_imp.legend(fontsize=8, loc="best")
     else:
         no_data(ax_imp, "layer importances")
     ax_imp.set_ylabel("cosine similarity")
-    ax_imp.set_title("layer importance (higher = block changes its input less = pruned more)", fontsize=9)
+    ax_imp.set_title(
+        "layer importance (higher = block changes its input less = pruned more)", fontsize=9
+    )
     ax_imp.grid(alpha=0.3)
 
     ratios = series("ratio")
@@ -861,10 +928,21 @@ def plot_info(info: ModelInfo, path: str | os.PathLike) -> Path:
     removed = [math.nan if v is None else v for v in removed]
     width = 0.4
     if any(not math.isnan(v) for v in ratios) or any(not math.isnan(v) for v in removed):
-        ax_ratio.bar([i - width / 2 for i in x], [0 if math.isnan(v) else v for v in ratios], width,
-                     color="tab:blue", label="allocated ratio r_i")
-        ax_ratio.bar([i + width / 2 for i in x], [0 if math.isnan(v) else v for v in removed], width,
-                     color="tab:red", alpha=0.7, label="projection weights removed")
+        ax_ratio.bar(
+            [i - width / 2 for i in x],
+            [0 if math.isnan(v) else v for v in ratios],
+            width,
+            color="tab:blue",
+            label="allocated ratio r_i",
+        )
+        ax_ratio.bar(
+            [i + width / 2 for i in x],
+            [0 if math.isnan(v) else v for v in removed],
+            width,
+            color="tab:red",
+            alpha=0.7,
+            label="projection weights removed",
+        )
         ax_ratio.legend(fontsize=8, loc="best")
     else:
         no_data(ax_ratio, "pruning ratios")
@@ -876,12 +954,21 @@ def plot_info(info: ModelInfo, path: str | os.PathLike) -> Path:
     heads = [layer.num_heads for layer in info.layers]
     kv = [layer.num_kv_heads for layer in info.layers]
     channels = [layer.intermediate_size for layer in info.layers]
-    ax_shape.bar([i - width / 2 for i in x], heads, width, color="tab:green", label="query heads kept")
+    ax_shape.bar(
+        [i - width / 2 for i in x], heads, width, color="tab:green", label="query heads kept"
+    )
     ax_shape.bar([i + width / 2 for i in x], kv, width, color="tab:olive", label="KV heads kept")
     dense_heads = [layer.dense_num_heads for layer in info.layers]
     if any(d is not None for d in dense_heads):
-        ax_shape.bar([i - width / 2 for i in x], [d or 0 for d in dense_heads], width, fill=False,
-                     edgecolor="tab:green", linestyle=":", label="query heads dense")
+        ax_shape.bar(
+            [i - width / 2 for i in x],
+            [d or 0 for d in dense_heads],
+            width,
+            fill=False,
+            edgecolor="tab:green",
+            linestyle=":",
+            label="query heads dense",
+        )
     ax_shape.set_ylabel("heads")
     ax_shape.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_shape.set_ylim(0, max([*heads, *(d or 0 for d in dense_heads)]) * 1.6)  # room for the legend
@@ -889,13 +976,20 @@ def plot_info(info: ModelInfo, path: str | os.PathLike) -> Path:
     ax_ch.plot(x, channels, "D-", color="tab:purple", ms=4, label="MLP channels kept")
     dense_ch = [layer.dense_intermediate_size for layer in info.layers]
     if any(d is not None for d in dense_ch):
-        ax_ch.plot(x, [math.nan if d is None else d for d in dense_ch], ":", color="tab:purple",
-                   label="MLP channels dense")
+        ax_ch.plot(
+            x,
+            [math.nan if d is None else d for d in dense_ch],
+            ":",
+            color="tab:purple",
+            label="MLP channels dense",
+        )
     ax_ch.set_ylabel("MLP channels")
     ax_ch.set_ylim(0, max([*channels, *(d or 0 for d in dense_ch)]) * 1.6)
     handles = ax_shape.get_legend_handles_labels()
     more = ax_ch.get_legend_handles_labels()
-    ax_shape.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper center", ncol=3)
+    ax_shape.legend(
+        handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper center", ncol=3
+    )
     ax_shape.set_title("kept heads and channels per layer", fontsize=9)
     ax_shape.set_xlabel("layer")
     ax_shape.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n, 30)))
