@@ -13,7 +13,7 @@ use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::error::{Result, SlimError};
-use crate::moments::{check_finite, check_finite_slice, shape_mismatch};
+use crate::moments::{check_finite, check_finite_slice, lines, shape_mismatch, Lines};
 
 /// The three terms of every channel's score; `total()` is what ranks channels (low = prune).
 /// Each vector has length F; the terms are in output units × sqrt(token count).
@@ -134,6 +134,37 @@ fn pca_weights(y_cov: MatRef<'_, f64>, par: Par) -> Result<(Mat<f64>, Vec<f64>, 
     Ok((v, w, lambda))
 }
 
+/// ‖W[c, :] ⊙ l‖₂ for every row c of `w`, reading `w` in its memory order.
+fn weighted_row_norms(w: MatRef<'_, f64>, l: &[f64], rayon: bool) -> Vec<f64> {
+    let mut buf = Vec::new();
+    let norm = |row: &[f64]| -> f64 {
+        row.iter()
+            .zip(l)
+            .map(|(x, s)| (x * s) * (x * s))
+            .sum::<f64>()
+            .sqrt()
+    };
+    match lines(w, &mut buf) {
+        Lines::Rows(rows) => {
+            if rayon {
+                rows.par_iter().map(|r| norm(r)).collect()
+            } else {
+                rows.iter().map(|r| norm(r)).collect()
+            }
+        }
+        Lines::Cols(cols) => {
+            let mut acc = vec![0.0; w.nrows()];
+            for (col, s) in cols.iter().zip(l) {
+                for (a, x) in acc.iter_mut().zip(col.iter()) {
+                    let t = x * s;
+                    *a += t * t;
+                }
+            }
+            acc.iter().map(|v| v.sqrt()).collect()
+        }
+    }
+}
+
 /// Score every channel (DESIGN.md section 3, paper section 3.3).
 ///
 /// Inputs: `in_sumsq` (d): Σ x_in² per hidden dimension; `act_sumsq` (F): Σ a² per channel;
@@ -200,38 +231,17 @@ pub fn channel_scores(
     let l_a: Vec<f64> = act_sumsq.iter().map(|v| v.sqrt()).collect();
     let rayon = matches!(par, Par::Rayon(_));
 
-    let row_norm = |w: MatRef<'_, f64>, c: usize| -> f64 {
-        let row = w.row(c);
-        let mut acc = 0.0;
-        for i in 0..d {
-            let t = row[i] * l_in[i];
-            acc += t * t;
-        }
-        acc.sqrt()
-    };
-    let (gate, up): (Vec<f64>, Vec<f64>) = if rayon {
-        (
-            (0..f)
-                .into_par_iter()
-                .map(|c| row_norm(w_gate, c))
-                .collect(),
-            (0..f).into_par_iter().map(|c| row_norm(w_up, c)).collect(),
-        )
-    } else {
-        (
-            (0..f).map(|c| row_norm(w_gate, c)).collect(),
-            (0..f).map(|c| row_norm(w_up, c)).collect(),
-        )
-    };
+    let gate = weighted_row_norms(w_gate, &l_in, rayon);
+    let up = weighted_row_norms(w_up, &l_in, rayon);
 
     let (v, w, _lambda) = pca_weights(y_cov, par)?;
     let mut p = Mat::<f64>::zeros(d, f);
     matmul(p.as_mut(), Accum::Replace, v.transpose(), w_down, 1.0, par);
     let down_of = |c: usize| -> f64 {
-        let col = p.col(c);
+        let col = p.col(c).try_as_col_major().unwrap().as_slice();
         let mut acc = 0.0;
-        for k in 0..d {
-            let t = col[k].abs() * w[k];
+        for (pk, wk) in col.iter().zip(&w) {
+            let t = pk.abs() * wk;
             acc += t * t;
         }
         l_a[c] * acc.sqrt()

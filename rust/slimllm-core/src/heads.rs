@@ -133,15 +133,12 @@ impl HeadPairStats {
                 let mut q = Mat::<f64>::zeros(na * h, d);
                 matmul(q.as_mut(), Accum::Replace, lhs, rhs, 1.0, inner);
                 for j in 0..d {
-                    let qj = q.col(j);
-                    let wj = wt.col(j);
-                    for ai in 0..na {
-                        let a = a0 + ai;
-                        let mut acc = 0.0;
-                        for i in 0..h {
-                            acc += wj[a * h + i] * qj[ai * h + i];
-                        }
-                        out[(a - b) * d + j] = acc;
+                    let qj = q.col(j).try_as_col_major().unwrap().as_slice();
+                    let wj = wt.col(j).try_as_col_major().unwrap().as_slice();
+                    let wj = &wj[a0 * h..(a0 + na) * h];
+                    for (ai, (wa, qa)) in wj.chunks_exact(h).zip(qj.chunks_exact(h)).enumerate() {
+                        let acc: f64 = wa.iter().zip(qa).map(|(w, q)| w * q).sum();
+                        out[(a0 + ai - b) * d + j] = acc;
                     }
                 }
                 a0 += na;

@@ -48,38 +48,69 @@ mod private {
 // shared private helpers
 // ---------------------------------------------------------------------------------------------
 
-/// `true` when the matrix is stored with unit row stride (column-major-like), so that walking
-/// down a column is contiguous.
-#[inline]
-fn walk_columns<T>(x: MatRef<'_, T>) -> bool {
-    x.row_stride().unsigned_abs() == 1 && x.col_stride().unsigned_abs() != 1
+/// A matrix seen as contiguous lines: its rows (row-major storage, or a row-major copy for
+/// other strides) or its columns (column-major storage).
+pub(crate) enum Lines<'a, T> {
+    /// `lines[r]` is row r (length ncols).
+    Rows(Vec<&'a [T]>),
+    /// `lines[c]` is column c (length nrows).
+    Cols(Vec<&'a [T]>),
+}
+
+/// Contiguous lines of `x` without copying when its storage allows; otherwise a row-major
+/// copy is made in `buf`.
+pub(crate) fn lines<'a, T: Element>(x: MatRef<'a, T>, buf: &'a mut Vec<T>) -> Lines<'a, T> {
+    let (n, m) = x.shape();
+    if x.col_stride() == 1 || m == 0 {
+        Lines::Rows(
+            (0..n)
+                .map(|r| match x.row(r).try_as_row_major() {
+                    Some(row) => row.as_slice(),
+                    None => &[][..],
+                })
+                .collect(),
+        )
+    } else if x.row_stride() == 1 || n == 0 {
+        Lines::Cols(
+            (0..m)
+                .map(|c| x.col(c).try_as_col_major().unwrap().as_slice())
+                .collect(),
+        )
+    } else {
+        buf.clear();
+        buf.reserve(n * m);
+        for r in 0..n {
+            for c in 0..m {
+                buf.push(x[(r, c)]);
+            }
+        }
+        Lines::Rows(buf.chunks(m).collect())
+    }
 }
 
 /// Lexicographically first (row, col) of a non-finite value of `x`, scanning in the order that
 /// suits its memory layout.
 pub(crate) fn first_non_finite<T: Element>(x: MatRef<'_, T>) -> Option<(usize, usize)> {
-    let (n, m) = x.shape();
-    if walk_columns(x) {
-        let mut best: Option<(usize, usize)> = None;
-        for c in 0..m {
-            let limit = best.map_or(n, |(r, _)| r);
-            for r in 0..limit {
-                if !x[(r, c)].to_f64().is_finite() {
-                    best = Some((r, c));
-                    break;
-                }
-            }
-        }
-        best
-    } else {
-        for r in 0..n {
-            for c in 0..m {
-                if !x[(r, c)].to_f64().is_finite() {
+    let mut buf = Vec::new();
+    match lines(x, &mut buf) {
+        Lines::Rows(rows) => {
+            for (r, row) in rows.iter().enumerate() {
+                if let Some(c) = row.iter().position(|v| !v.to_f64().is_finite()) {
                     return Some((r, c));
                 }
             }
+            None
         }
-        None
+        Lines::Cols(cols) => {
+            let mut best: Option<(usize, usize)> = None;
+            for (c, col) in cols.iter().enumerate() {
+                let limit = best.map_or(col.len(), |(r, _)| r);
+                if let Some(r) = col[..limit].iter().position(|v| !v.to_f64().is_finite()) {
+                    best = Some((r, c));
+                }
+            }
+            best
+        }
     }
 }
 
@@ -124,11 +155,17 @@ fn check_cols<T>(x: MatRef<'_, T>, dim: usize, what: &str) -> Result<()> {
 
 /// Mirror the strict lower triangle of a square matrix into its upper triangle.
 pub(crate) fn mirror_lower(a: &mut Mat<f64>) {
+    // Tiled, so that the transposed writes stay in cache.
+    const T: usize = 64;
     let n = a.nrows();
-    for j in 0..n {
-        for i in (j + 1)..n {
-            let v = a[(i, j)];
-            a[(j, i)] = v;
+    for jb in (0..n).step_by(T) {
+        for ib in (jb..n).step_by(T) {
+            for j in jb..(jb + T).min(n) {
+                for i in ib.max(j + 1)..(ib + T).min(n) {
+                    let v = a[(i, j)];
+                    a[(j, i)] = v;
+                }
+            }
         }
     }
 }
@@ -275,51 +312,100 @@ impl Moments {
     /// value in row-major order) before anything is added. An empty chunk is a no-op.
     pub fn update<T: Element>(&mut self, x: MatRef<'_, T>, par: Par) -> Result<()> {
         check_cols(x, self.dim, "x")?;
-        check_finite(x, "x")?;
-        let n = x.nrows();
+        let (n, dim) = x.shape();
         if n == 0 {
             return Ok(());
         }
-        if self.count == 0 {
-            for c in 0..self.dim {
-                self.shift[c] = x[(0, c)].to_f64();
-            }
-        }
-        // Upcast and shift; keep the input's memory layout so the copy is contiguous.
-        let transposed = !walk_columns(x);
-        let xc: Mat<f64> = if transposed {
-            // (dim, tokens), column t = row t of x.
-            Mat::from_fn(self.dim, n, |c, r| x[(r, c)].to_f64() - self.shift[c])
+        let mut buf = Vec::new();
+        let lines = lines(x, &mut buf);
+        let shift: Vec<f64> = if self.count == 0 {
+            (0..dim).map(|c| x[(0, c)].to_f64()).collect()
         } else {
-            Mat::from_fn(n, self.dim, |r, c| x[(r, c)].to_f64() - self.shift[c])
+            self.shift.clone()
         };
+        // One pass: finiteness check, upcast, shift, raw and shifted column sums, into
+        // temporaries only. The shifted copy keeps the input's memory layout.
+        let mut s = vec![0.0; dim];
+        let mut cs = vec![0.0; dim];
+        let (xc, transposed) = match &lines {
+            Lines::Rows(rows) => {
+                // (dim, tokens): column t = shifted row t
+                let mut xc = Mat::<f64>::zeros(dim, n);
+                for (t, row) in rows.iter().enumerate() {
+                    let dst = xc.col_mut(t).try_as_col_major_mut().unwrap();
+                    let dst = dst.as_slice_mut();
+                    for c in 0..dim {
+                        let v = row[c].to_f64();
+                        if !v.is_finite() {
+                            return Err(SlimError::NonFinite {
+                                what: "x".into(),
+                                row: t,
+                                col: c,
+                            });
+                        }
+                        let y = v - shift[c];
+                        s[c] += v;
+                        cs[c] += y;
+                        dst[c] = y;
+                    }
+                }
+                (xc, true)
+            }
+            Lines::Cols(cols) => {
+                let mut xc = Mat::<f64>::zeros(n, dim);
+                let mut bad: Option<(usize, usize)> = None;
+                for (c, col) in cols.iter().enumerate() {
+                    let dst = xc.col_mut(c).try_as_col_major_mut().unwrap();
+                    let dst = dst.as_slice_mut();
+                    let (mut sc, mut csc) = (0.0, 0.0);
+                    for (r, (d, v)) in dst.iter_mut().zip(col.iter()).enumerate() {
+                        let v = v.to_f64();
+                        if !v.is_finite() && bad.is_none_or(|(br, _)| r < br) {
+                            bad = Some((r, c));
+                        }
+                        let y = v - shift[c];
+                        sc += v;
+                        csc += y;
+                        *d = y;
+                    }
+                    s[c] = sc;
+                    cs[c] = csc;
+                }
+                if let Some((row, col)) = bad {
+                    return Err(SlimError::NonFinite {
+                        what: "x".into(),
+                        row,
+                        col,
+                    });
+                }
+                (xc, false)
+            }
+        };
+        drop(lines);
+        self.shift = shift;
+        self.add_shifted_chunk(&xc, transposed, &s, &cs, par);
+        Ok(())
+    }
+
+    /// The non-generic part of [`Moments::update`] (kept out of the generic function so that
+    /// faer's product is compiled once, in this crate): add a checked, shifted chunk `xc`
+    /// ((tokens, dim), or (dim, tokens) if `transposed`) and its raw and shifted column sums.
+    #[inline(never)]
+    fn add_shifted_chunk(
+        &mut self,
+        xc: &Mat<f64>,
+        transposed: bool,
+        s: &[f64],
+        cs: &[f64],
+        par: Par,
+    ) {
         let xc_tok: MatRef<'_, f64> = if transposed {
             xc.as_ref().transpose()
         } else {
             xc.as_ref()
         };
-        // Sums: raw and shifted.
-        let mut s = vec![0.0; self.dim];
-        let mut cs = vec![0.0; self.dim];
-        if transposed {
-            for r in 0..n {
-                let col = xc.col(r);
-                for c in 0..self.dim {
-                    s[c] += x[(r, c)].to_f64();
-                    cs[c] += col[c];
-                }
-            }
-        } else {
-            for c in 0..self.dim {
-                let col = xc.col(c);
-                for r in 0..n {
-                    s[c] += x[(r, c)].to_f64();
-                    cs[c] += col[r];
-                }
-            }
-        }
-        self.sum.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
-        self.csum.iter_mut().zip(&cs).for_each(|(a, b)| *a += b);
+        self.sum.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+        self.csum.iter_mut().zip(cs).for_each(|(a, b)| *a += b);
         // Lower triangle of Σ (x-c)(x-c)^T: one (triangular) matrix product.
         triangular::matmul(
             self.cgram.as_mut(),
@@ -332,9 +418,8 @@ impl Moments {
             1.0,
             par,
         );
-        self.count += n as u64;
+        self.count += xc_tok.nrows() as u64;
         self.gram_cache = OnceLock::new();
-        Ok(())
     }
 
     /// Add another accumulator's rows (same result as having seen both streams, up to
@@ -478,20 +563,22 @@ impl SquareSums {
         check_cols(x, self.dim, "x")?;
         check_finite(x, "x")?;
         let (n, dim) = x.shape();
+        let mut buf = Vec::new();
+        let lines = lines(x, &mut buf);
         let partial = |r0: usize, r1: usize| -> Vec<f64> {
             let mut acc = vec![0.0; dim];
-            if walk_columns(x) {
-                for (c, a) in acc.iter_mut().enumerate() {
-                    for r in r0..r1 {
-                        let v = x[(r, c)].to_f64();
-                        *a += v * v;
+            match &lines {
+                Lines::Cols(cols) => {
+                    for (a, col) in acc.iter_mut().zip(cols) {
+                        *a = col[r0..r1].iter().map(|v| v.to_f64() * v.to_f64()).sum();
                     }
                 }
-            } else {
-                for r in r0..r1 {
-                    for (c, a) in acc.iter_mut().enumerate() {
-                        let v = x[(r, c)].to_f64();
-                        *a += v * v;
+                Lines::Rows(rows) => {
+                    for row in &rows[r0..r1] {
+                        for (a, v) in acc.iter_mut().zip(row.iter()) {
+                            let v = v.to_f64();
+                            *a += v * v;
+                        }
                     }
                 }
             }
@@ -638,32 +725,75 @@ impl PairedMoments {
                 self.cf[c] = full[(0, c)].to_f64();
             }
         }
-        for c in 0..self.dim {
-            let (cp, cf) = (self.cp[c], self.cf[c]);
-            let mut acc = [0.0f64; 8];
-            for r in 0..n {
-                let p = pruned[(r, c)].to_f64();
-                let f = full[(r, c)].to_f64();
-                acc[0] += p;
-                acc[1] += f;
-                acc[2] += p * p;
-                acc[3] += f * f;
-                acc[4] += p * f;
-                let (a, b) = (p - cp, f - cf);
-                acc[5] += a;
-                acc[6] += b;
-                acc[7] += a * a;
-                // cross term of the shifted values
-                self.dpf[c] += a * b;
+        let dim = self.dim;
+        let (mut bp, mut bf) = (Vec::new(), Vec::new());
+        let (lp, lf) = (lines(pruned, &mut bp), lines(full, &mut bf));
+        // Per coordinate: Σp, Σf, Σp², Σf², Σpf, Σ(p-cp), Σ(f-cf), Σ(p-cp)², Σ(p-cp)(f-cf).
+        let mut acc = vec![[0.0f64; 9]; dim];
+        #[inline(always)]
+        fn add(a: &mut [f64; 9], p: f64, f: f64, cp: f64, cf: f64) {
+            a[0] += p;
+            a[1] += f;
+            a[2] += p * p;
+            a[3] += f * f;
+            a[4] += p * f;
+            let (u, v) = (p - cp, f - cf);
+            a[5] += u;
+            a[6] += v;
+            a[7] += u * u;
+            a[8] += u * v;
+        }
+        match (&lp, &lf) {
+            (Lines::Cols(pc), Lines::Cols(fc)) => {
+                for (c, a) in acc.iter_mut().enumerate() {
+                    let (cp, cf) = (self.cp[c], self.cf[c]);
+                    for (p, f) in pc[c].iter().zip(fc[c].iter()) {
+                        add(a, p.to_f64(), f.to_f64(), cp, cf);
+                    }
+                }
             }
-            self.sp[c] += acc[0];
-            self.sf[c] += acc[1];
-            self.spp[c] += acc[2];
-            self.sff[c] += acc[3];
-            self.spf[c] += acc[4];
-            self.dp[c] += acc[5];
-            self.df[c] += acc[6];
-            self.dpp[c] += acc[7];
+            _ => {
+                // Row by row; a column-major input is transposed into a row-major copy first.
+                let to_rows = |l: &Lines<'_, T>| -> Vec<f64> {
+                    let mut out = vec![0.0; n * dim];
+                    match l {
+                        Lines::Rows(rows) => {
+                            for (r, row) in rows.iter().enumerate() {
+                                for (o, v) in out[r * dim..(r + 1) * dim].iter_mut().zip(row.iter())
+                                {
+                                    *o = v.to_f64();
+                                }
+                            }
+                        }
+                        Lines::Cols(cols) => {
+                            for (c, col) in cols.iter().enumerate() {
+                                for (r, v) in col.iter().enumerate() {
+                                    out[r * dim + c] = v.to_f64();
+                                }
+                            }
+                        }
+                    }
+                    out
+                };
+                let (rp, rf) = (to_rows(&lp), to_rows(&lf));
+                for r in 0..n {
+                    let (prow, frow) = (&rp[r * dim..(r + 1) * dim], &rf[r * dim..(r + 1) * dim]);
+                    for c in 0..dim {
+                        add(&mut acc[c], prow[c], frow[c], self.cp[c], self.cf[c]);
+                    }
+                }
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            self.sp[c] += a[0];
+            self.sf[c] += a[1];
+            self.spp[c] += a[2];
+            self.sff[c] += a[3];
+            self.spf[c] += a[4];
+            self.dp[c] += a[5];
+            self.df[c] += a[6];
+            self.dpp[c] += a[7];
+            self.dpf[c] += a[8];
         }
         self.count += n as u64;
         Ok(())

@@ -91,18 +91,26 @@ pub fn affine_fit_heads(
     check_finite(w_o, "w_o")?;
     let mu = moments.mean()?;
 
+    // Per-head partial means P[j, a] = Σ_{i∈a} W_o[j, i] μ_i: one small product per head.
+    let mu_m = Mat::from_fn(big_d, 1, |i, _| mu[i]);
+    let mut part = Mat::<f64>::zeros(d, hh);
+    for a in 0..hh {
+        matmul(
+            part.as_mut().subcols_mut(a, 1),
+            Accum::Replace,
+            w_o.subcols(a * h, h),
+            mu_m.as_ref().subrows(a * h, h),
+            1.0,
+            Par::Seq,
+        );
+    }
     let mut mean_full = vec![0.0; d];
     let mut mean_k = vec![0.0; d];
-    for (j, (mf, mk)) in mean_full.iter_mut().zip(mean_k.iter_mut()).enumerate() {
-        for (a, &keep) in mask.iter().enumerate() {
-            let mut part = 0.0;
-            for i in a * h..(a + 1) * h {
-                part += w_o[(j, i)] * mu[i];
-            }
-            *mf += part;
-            if keep {
-                *mk += part;
-            }
+    for (a, &keep) in mask.iter().enumerate() {
+        let pa = part.col(a).try_as_col_major().unwrap().as_slice();
+        mean_full.iter_mut().zip(pa).for_each(|(m, v)| *m += v);
+        if keep {
+            mean_k.iter_mut().zip(pa).for_each(|(m, v)| *m += v);
         }
     }
     let mut cov = vec![0.0; d];
@@ -258,17 +266,19 @@ pub fn ridge_reconstruct(
     );
     // rhs now holds W'ᵀ (k × d_out).
     let weight: Mat<f64> = rhs.transpose().to_owned();
-    let mut bias = vec![0.0; d_out];
-    for (j, b) in bias.iter_mut().enumerate() {
-        let mut full = 0.0;
-        for (i, m) in mu.iter().enumerate() {
-            full += w[(j, i)] * m;
-        }
-        let mut part = 0.0;
-        for (c, &i) in kept.iter().enumerate() {
-            part += weight[(j, c)] * mu[i];
-        }
-        *b = full - part;
-    }
+    // b = W μ − W' μ_K
+    let mu_m = Mat::from_fn(d_in, 1, |i, _| mu[i]);
+    let mu_k = Mat::from_fn(k, 1, |c, _| mu[kept[c]]);
+    let mut b = Mat::<f64>::zeros(d_out, 1);
+    matmul(b.as_mut(), Accum::Replace, w, mu_m.as_ref(), 1.0, par);
+    matmul(
+        b.as_mut(),
+        Accum::Add,
+        weight.as_ref(),
+        mu_k.as_ref(),
+        -1.0,
+        par,
+    );
+    let bias: Vec<f64> = (0..d_out).map(|j| b[(j, 0)]).collect();
     Ok(Reconstruction { weight, bias })
 }

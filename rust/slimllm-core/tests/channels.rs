@@ -1,4 +1,5 @@
 //! Channel scores against the naive formula, PCA by reconstruction, channel selection.
+#![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 mod common;
 
 use common::*;

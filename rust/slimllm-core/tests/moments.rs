@@ -1,4 +1,5 @@
 //! Moments, SquareSums, PairedMoments against naive per-row loops.
+#![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 mod common;
 
 use common::*;

@@ -1,4 +1,5 @@
 //! Affine and ridge recovery against least squares on materialised data.
+#![allow(clippy::needless_range_loop)] // index loops mirror the formulas
 mod common;
 
 use common::*;

@@ -1,4 +1,5 @@
 //! Shared helpers of the integration tests: seeded random data and naive reference formulas.
+#![allow(clippy::needless_range_loop)]
 #![allow(dead_code)]
 
 use faer::Mat;
