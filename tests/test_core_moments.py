@@ -192,6 +192,12 @@ def test_moments_bad_arguments():
         acc.update(np.zeros((3, 4), dtype=np.float16))
     with pytest.raises(TypeError, match="`x`.*ndarray"):
         acc.update([[0.0] * 4])
+    with pytest.raises(TypeError, match="`x`.*dtype"):
+        acc.update(np.zeros((3, 4), dtype=">f8"))  # non-native byte order
+    misaligned = np.frombuffer(bytes(8 * 12 + 1), dtype=np.float64, offset=1).reshape(3, 4)
+    assert not misaligned.flags.aligned
+    with pytest.raises(TypeError, match="`x`.*aligned"):
+        acc.update(misaligned)
     with pytest.raises(ShapeMismatchError):
         acc.merge(_core.Moments(5))
     with pytest.raises(TypeError):

@@ -3,8 +3,8 @@
 //! DESIGN.md sections 2-4.
 //!
 //! Conventions:
-//! * array arguments are numpy arrays of float32 or float64, C-contiguous (anything else raises
-//!   `TypeError` naming the argument; a wrong number of dimensions raises `ShapeMismatchError`);
+//! * array arguments are numpy arrays of float32 or float64 (native byte order), C-contiguous
+//!   and aligned (anything else raises `TypeError` naming the argument; a wrong number of dimensions raises `ShapeMismatchError`);
 //! * activation chunks are viewed zero-copy; weights given as float32 are converted to float64
 //!   once (without the GIL); float64 weights are viewed zero-copy;
 //! * every computation runs inside `py.detach` (the GIL is released) on all rayon threads;
@@ -16,9 +16,7 @@ use std::borrow::Cow;
 use faer::{MatRef, Par};
 use numpy::ndarray::{Array2, Array3};
 use numpy::prelude::*;
-use numpy::{
-    PyArray1, PyArray2, PyArray3, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArray,
-};
+use numpy::{PyArray1, PyArray2, PyArray3, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArray};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -108,7 +106,11 @@ impl<T> OrPyErr<T> for slimllm_core::Result<T> {
 }
 
 fn shape_err(what: String, expected: usize, got: usize) -> PyErr {
-    to_pyerr(SlimError::ShapeMismatch { what, expected, got })
+    to_pyerr(SlimError::ShapeMismatch {
+        what,
+        expected,
+        got,
+    })
 }
 
 /// All rayon threads.
@@ -158,7 +160,11 @@ fn arr<'py>(obj: &Bound<'py, PyAny>, name: &str, ndim: usize) -> PyResult<Arr<'p
     })?;
     let got = untyped.ndim();
     if got != ndim {
-        return Err(shape_err(format!("{name} (number of dimensions)"), ndim, got));
+        return Err(shape_err(
+            format!("{name} (number of dimensions)"),
+            ndim,
+            got,
+        ));
     }
     let borrow_err = |e: numpy::BorrowError| {
         PyRuntimeError::new_err(format!("argument `{name}`: cannot borrow the array: {e}"))
@@ -180,6 +186,17 @@ fn arr<'py>(obj: &Bound<'py, PyAny>, name: &str, ndim: usize) -> PyResult<Arr<'p
     if !untyped.is_c_contiguous() {
         return Err(PyTypeError::new_err(format!(
             "argument `{name}` must be C-contiguous (use numpy.ascontiguousarray)"
+        )));
+    }
+    // A slice over misaligned elements would be undefined behaviour (numpy allows them, e.g.
+    // from `frombuffer` at an odd offset).
+    let aligned = match &a {
+        Arr::F32(r) => r.data() as usize % std::mem::align_of::<f32>() == 0,
+        Arr::F64(r) => r.data() as usize % std::mem::align_of::<f64>() == 0,
+    };
+    if !aligned {
+        return Err(PyTypeError::new_err(format!(
+            "argument `{name}` is not aligned in memory (pass a copy: numpy.array(..., copy=True))"
         )));
     }
     Ok(a)
@@ -235,17 +252,19 @@ fn mat_to_array(m: MatRef<'_, f64>) -> Array2<f64> {
     let (r, c) = (m.nrows(), m.ncols());
     let mut v = vec![0.0f64; r * c];
     if c > 0 {
-        v.par_chunks_mut(BLOCK * c).enumerate().for_each(|(b, chunk)| {
-            let i0 = b * BLOCK;
-            let rows = chunk.len() / c;
-            let block = m.subrows(i0, rows);
-            for j in 0..c {
-                let col = block.col(j);
-                for i in 0..rows {
-                    chunk[i * c + j] = col[i];
+        v.par_chunks_mut(BLOCK * c)
+            .enumerate()
+            .for_each(|(b, chunk)| {
+                let i0 = b * BLOCK;
+                let rows = chunk.len() / c;
+                let block = m.subrows(i0, rows);
+                for j in 0..c {
+                    let col = block.col(j);
+                    for i in 0..rows {
+                        chunk[i * c + j] = col[i];
+                    }
                 }
-            }
-        });
+            });
     }
     Array2::from_shape_vec((r, c), v).expect("shape matches length")
 }
@@ -263,7 +282,10 @@ fn hps_from_view(v: View<'_>, name: &str) -> slimllm_core::Result<HeadPairStats>
     HeadPairStats::from_vec(u0, d, v.f64().into_owned())
 }
 
-fn vec1<'py>(py: Python<'py>, v: Vec<f64>) -> Bound<'py, PyArray1<f64>> {
+/// A float64 result vector.
+type F64Vec<'py> = Bound<'py, PyArray1<f64>>;
+
+fn vec1<'py>(py: Python<'py>, v: Vec<f64>) -> F64Vec<'py> {
     PyArray1::from_vec(py, v)
 }
 
@@ -286,7 +308,9 @@ pub struct Moments {
 impl Moments {
     #[new]
     fn new(dim: usize) -> Self {
-        Moments { inner: mo::Moments::new(dim) }
+        Moments {
+            inner: mo::Moments::new(dim),
+        }
     }
 
     /// Feature dimension (int).
@@ -326,8 +350,12 @@ impl Moments {
         let v = x.view();
         let inner = &mut self.inner;
         py.detach(|| match v.data {
-            Data::F32(s) => inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par()),
-            Data::F64(s) => inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par()),
+            Data::F32(s) => {
+                inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par())
+            }
+            Data::F64(s) => {
+                inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par())
+            }
         })
         .py_err()
     }
@@ -366,7 +394,11 @@ impl Moments {
     }
 
     fn __repr__(&self) -> String {
-        format!("Moments(dim={}, count={})", self.inner.dim(), self.inner.count())
+        format!(
+            "Moments(dim={}, count={})",
+            self.inner.dim(),
+            self.inner.count()
+        )
     }
 }
 
@@ -384,7 +416,9 @@ pub struct SquareSums {
 impl SquareSums {
     #[new]
     fn new(dim: usize) -> Self {
-        SquareSums { inner: mo::SquareSums::new(dim) }
+        SquareSums {
+            inner: mo::SquareSums::new(dim),
+        }
     }
 
     /// Feature dimension (int).
@@ -413,8 +447,12 @@ impl SquareSums {
         let v = x.view();
         let inner = &mut self.inner;
         py.detach(|| match v.data {
-            Data::F32(s) => inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par()),
-            Data::F64(s) => inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par()),
+            Data::F32(s) => {
+                inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par())
+            }
+            Data::F64(s) => {
+                inner.update(MatRef::from_row_major_slice(s, v.rows(), v.cols()), par())
+            }
         })
         .py_err()
     }
@@ -443,7 +481,11 @@ impl SquareSums {
     }
 
     fn __repr__(&self) -> String {
-        format!("SquareSums(dim={}, count={})", self.inner.dim(), self.inner.count())
+        format!(
+            "SquareSums(dim={}, count={})",
+            self.inner.dim(),
+            self.inner.count()
+        )
     }
 }
 
@@ -461,7 +503,9 @@ pub struct PairedMoments {
 impl PairedMoments {
     #[new]
     fn new(dim: usize) -> Self {
-        PairedMoments { inner: mo::PairedMoments::new(dim) }
+        PairedMoments {
+            inner: mo::PairedMoments::new(dim),
+        }
     }
 
     /// Output width (int).
@@ -496,7 +540,10 @@ impl PairedMoments {
             ),
             _ => {
                 let (pb, fb) = (pv.f64(), fv.f64());
-                inner.update(mat(&pb, pv.rows(), pv.cols()), mat(&fb, fv.rows(), fv.cols()))
+                inner.update(
+                    mat(&pb, pv.rows(), pv.cols()),
+                    mat(&fb, fv.rows(), fv.cols()),
+                )
             }
         })
         .py_err()
@@ -519,7 +566,11 @@ impl PairedMoments {
     }
 
     fn __repr__(&self) -> String {
-        format!("PairedMoments(dim={}, count={})", self.inner.dim(), self.inner.count())
+        format!(
+            "PairedMoments(dim={}, count={})",
+            self.inner.dim(),
+            self.inner.count()
+        )
     }
 }
 
@@ -616,7 +667,9 @@ fn head_pair_stats<'py>(
 fn head_scores<'py>(py: Python<'py>, m: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let a = arr(m, "m", 3)?;
     let v = a.view();
-    let s = py.detach(|| hps_from_view(v, "m").map(|h| h.scores())).py_err()?;
+    let s = py
+        .detach(|| hps_from_view(v, "m").map(|h| h.scores()))
+        .py_err()?;
     Ok(vec1(py, s))
 }
 
@@ -630,7 +683,8 @@ fn head_scores<'py>(py: Python<'py>, m: &Bound<'py, PyAny>) -> PyResult<Bound<'p
 fn head_objective(py: Python<'_>, m: &Bound<'_, PyAny>, kept: Vec<usize>) -> PyResult<f64> {
     let a = arr(m, "m", 3)?;
     let v = a.view();
-    py.detach(|| hps_from_view(v, "m")?.objective(&kept)).py_err()
+    py.detach(|| hps_from_view(v, "m")?.objective(&kept))
+        .py_err()
 }
 
 /// Choose the query heads to remove (DESIGN.md section 2; paper Algorithm 1): the ``n_prune``
@@ -699,18 +753,25 @@ fn channel_scores<'py>(
     w_gate: &Bound<'py, PyAny>,
     w_up: &Bound<'py, PyAny>,
     w_down: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
+) -> PyResult<(F64Vec<'py>, F64Vec<'py>, F64Vec<'py>)> {
     let a_in = arr(in_sumsq, "in_sumsq", 1)?;
     let a_act = arr(act_sumsq, "act_sumsq", 1)?;
     let a_cov = arr(y_cov, "y_cov", 2)?;
     let a_g = arr(w_gate, "w_gate", 2)?;
     let a_u = arr(w_up, "w_up", 2)?;
     let a_d = arr(w_down, "w_down", 2)?;
-    let (vi, va, vc, vg, vu, vd) =
-        (a_in.view(), a_act.view(), a_cov.view(), a_g.view(), a_u.view(), a_d.view());
+    let (vi, va, vc, vg, vu, vd) = (
+        a_in.view(),
+        a_act.view(),
+        a_cov.view(),
+        a_g.view(),
+        a_u.view(),
+        a_d.view(),
+    );
     let s = py
         .detach(|| {
-            let (bi, ba, bc, bg, bu, bd) = (vi.f64(), va.f64(), vc.f64(), vg.f64(), vu.f64(), vd.f64());
+            let (bi, ba, bc, bg, bu, bd) =
+                (vi.f64(), va.f64(), vc.f64(), vg.f64(), vu.f64(), vd.f64());
             ch::channel_scores(
                 &bi,
                 &ba,
@@ -775,7 +836,7 @@ fn affine_fit_heads<'py>(
     w_o: &Bound<'py, PyAny>,
     m: &Bound<'py, PyAny>,
     kept: Vec<usize>,
-) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
+) -> PyResult<(F64Vec<'py>, F64Vec<'py>)> {
     let w = arr(w_o, "w_o", 2)?;
     let ma = arr(m, "m", 3)?;
     let (wv, mv) = (w.view(), ma.view());
@@ -799,7 +860,7 @@ fn affine_fit_heads<'py>(
 fn affine_from_paired<'py>(
     py: Python<'py>,
     paired: PyRef<'py, PairedMoments>,
-) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<f64>>)> {
+) -> PyResult<(F64Vec<'py>, F64Vec<'py>)> {
     let p = &paired.inner;
     let fit = py.detach(|| rec::affine_from_paired(p)).py_err()?;
     Ok((vec1(py, fit.scale), vec1(py, fit.bias)))
@@ -824,7 +885,7 @@ fn ridge_reconstruct<'py>(
     w: &Bound<'py, PyAny>,
     kept: Vec<usize>,
     damp: f64,
-) -> PyResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray1<f64>>)> {
+) -> PyResult<(Bound<'py, PyArray2<f64>>, F64Vec<'py>)> {
     let wa = arr(w, "w", 2)?;
     let wv = wa.view();
     let mom = &moments.inner;
@@ -853,8 +914,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
     m.add("InvalidCountError", py.get_type::<InvalidCountError>())?;
     m.add("InvalidRatioError", py.get_type::<InvalidRatioError>())?;
-    m.add("EmptyAccumulatorError", py.get_type::<EmptyAccumulatorError>())?;
-    m.add("NotPositiveDefiniteError", py.get_type::<NotPositiveDefiniteError>())?;
+    m.add(
+        "EmptyAccumulatorError",
+        py.get_type::<EmptyAccumulatorError>(),
+    )?;
+    m.add(
+        "NotPositiveDefiniteError",
+        py.get_type::<NotPositiveDefiniteError>(),
+    )?;
 
     m.add_class::<Moments>()?;
     m.add_class::<SquareSums>()?;
