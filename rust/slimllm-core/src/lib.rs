@@ -1,7 +1,9 @@
-//! # slimllm-core
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+// Formulas in the docs index with brackets (M[a,b,j], I_gate[c]); they are not links.
+#![allow(rustdoc::broken_intra_doc_links)]
 //!
-//! The numerical core of [SlimLLM](https://arxiv.org/abs/2505.22689) structured pruning
-//! (Guo et al., ICML 2025), usable from Rust without Python.
+//! ## Modules
 //!
 //! * [`moments`]: streaming f64 activation statistics (count, sum, Gram), mergeable.
 //! * [`heads`]: head-pair statistics `M[a,b,j]`, head scores, the Pearson objective and the
@@ -10,8 +12,9 @@
 //! * [`recovery`]: per-output affine fit and ridge reconstruction of a pruned output matrix.
 //!
 //! Inputs are faer views ([`faer::MatRef`]), outputs are owned; every function that does real
-//! work takes an explicit [`faer::Par`] parallelism argument. Formulas are those of the
-//! project's DESIGN.md (sections cited on each item).
+//! work takes an explicit [`faer::Par`] parallelism argument (`Par::Seq`, or `Par::rayon(n)`
+//! for the global rayon pool). Formulas are those of the project's DESIGN.md (sections cited
+//! on each item). Errors are [`SlimError`] values naming the offending argument.
 
 pub mod channels;
 pub mod error;

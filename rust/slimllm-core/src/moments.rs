@@ -518,17 +518,6 @@ impl Moments {
 
 /// The cheap variant: count and per-feature sum of squares Σ x_i² only (DESIGN.md section 3,
 /// the activation norms l = sqrt(Σ x²) of the channel score).
-///
-/// ```rust
-/// use faer::{mat, Par};
-/// use slimllm_core::moments::SquareSums;
-///
-/// let mut q = SquareSums::new(2);
-/// q.update(mat![[3.0f64, 1.0], [4.0, 0.0]].as_ref(), Par::Seq)?;
-/// assert_eq!(q.sum_squares(), &[25.0, 1.0]);
-/// assert_eq!(q.norms(), vec![5.0, 1.0]);
-/// # Ok::<(), slimllm_core::SlimError>(())
-/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct SquareSums {
     dim: usize,
@@ -634,17 +623,6 @@ impl SquareSums {
 /// Per-coordinate cross statistics of two streams of equal width, a pruned output p and the
 /// full output f (DESIGN.md section 3, "Recovery"): n, Σp, Σf, Σp², Σf², Σp·f per coordinate.
 /// Feeds [`crate::recovery::affine_from_paired`].
-///
-/// ```rust
-/// use faer::mat;
-/// use slimllm_core::moments::PairedMoments;
-///
-/// let mut pm = PairedMoments::new(1);
-/// pm.update(mat![[1.0f64], [2.0]].as_ref(), mat![[3.0f64], [5.0]].as_ref())?;
-/// let (sp, sf, spp, sff, spf) = pm.sums();
-/// assert_eq!((sp[0], sf[0], spp[0], sff[0], spf[0]), (3.0, 8.0, 5.0, 34.0, 13.0));
-/// # Ok::<(), slimllm_core::SlimError>(())
-/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairedMoments {
     dim: usize,
