@@ -164,3 +164,35 @@ def test_hub_dataset_path(tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(CalibrationError, match="cannot load calibration dataset 'allenai/c4'.*no network"):
         load_calibration(tiny_tokenizer, dataset="allenai/c4", num_samples=2, seq_len=8)
+
+
+def test_self_generated_is_model_sampled_and_seeded(make_tiny_model, tiny_tokenizer):
+    from slimllm.calibration import self_generated
+
+    model = make_tiny_model("llama", seed=4)
+    a = self_generated(model, tiny_tokenizer, num_samples=5, seq_len=12, seed=7, batch_size=2)
+    b = self_generated(model, tiny_tokenizer, num_samples=5, seq_len=12, seed=7, batch_size=2)
+    c = self_generated(model, tiny_tokenizer, num_samples=5, seq_len=12, seed=8, batch_size=2)
+    assert a.input_ids.shape == (5, 12) and a.input_ids.dtype == torch.long
+    assert torch.equal(a.input_ids, b.input_ids) and not torch.equal(a.input_ids, c.input_ids)
+    assert (a.input_ids[:, 0] == tiny_tokenizer.bos_token_id).all()
+    assert (a.input_ids[:, 1:] != tiny_tokenizer.eos_token_id).all()
+    assert a.description["kind"] == "self" and a.description["seed"] == 7
+    # Sampling follows the model: at a temperature near 0 it is the model's greedy decode.
+    cold = self_generated(model, tiny_tokenizer, num_samples=2, seq_len=8, temperature=1e-6)
+    prompt = torch.full((2, 1), tiny_tokenizer.bos_token_id)
+    logits_first = model(prompt).logits[:, -1]
+    logits_first[:, tiny_tokenizer.eos_token_id] = -float("inf")
+    assert torch.equal(cold.input_ids[:, 1], logits_first.argmax(-1))
+    greedy = model.generate(
+        prompt, do_sample=False, max_new_tokens=7, min_new_tokens=7,
+        suppress_tokens=[tiny_tokenizer.eos_token_id], pad_token_id=tiny_tokenizer.eos_token_id,
+    )
+    assert torch.equal(cold.input_ids, greedy)
+
+
+def test_self_generated_rejects_bad_temperature(make_tiny_model, tiny_tokenizer):
+    from slimllm.calibration import self_generated
+
+    with pytest.raises(CalibrationError, match="temperature"):
+        self_generated(make_tiny_model("llama"), tiny_tokenizer, 2, 8, temperature=0.0)

@@ -10,7 +10,10 @@ Sources:
   random offset; if fewer than N documents are long enough, the documents are joined with
   ``"\\n\\n"`` and treated as one stream like a plain text file;
 - a Hugging Face hub dataset (``datasets.load_dataset``, streamed; needs network access): the
-  first ``hub_documents`` documents of the split are used like a JSON-lines file.
+  first ``hub_documents`` documents of the split are used like a JSON-lines file;
+- the model itself (:func:`self_generated`, the data-free default of ``python -m slimllm prune``):
+  sequences sampled from the model's own distribution, as in self-calibration (Williams et al.,
+  "Self-calibration for language model quantization and pruning", 2024).
 
 Everything is deterministic under ``seed`` (Python's ``random.Random(seed)``). Windows are
 tokenized without special tokens.
@@ -26,7 +29,13 @@ from typing import Any, Iterable, Sequence
 
 from slimllm.errors import CalibrationError
 
-__all__ = ["CalibrationSet", "load_calibration", "from_documents", "read_documents"]
+__all__ = [
+    "CalibrationSet",
+    "load_calibration",
+    "from_documents",
+    "read_documents",
+    "self_generated",
+]
 
 
 @dataclass
@@ -265,3 +274,76 @@ def load_calibration(
         tokenizer, docs, num_samples, seq_len, seed, source=f"{source}:{dataset_split}", kind="hub"
     )
     return calib
+
+
+def self_generated(
+    model,
+    tokenizer,
+    num_samples: int = 32,
+    seq_len: int = 128,
+    seed: int = 0,
+    *,
+    batch_size: int = 8,
+    temperature: float = 1.0,
+):
+    """Calibration sequences sampled from the model itself (no dataset needed).
+
+    Every sequence starts with the tokenizer's BOS token (EOS when there is none) and continues
+    with ``seq_len - 1`` tokens drawn by ancestral sampling from the model's next-token
+    distribution at ``temperature`` (no top-k / top-p truncation; EOS is suppressed so every
+    sequence has full length). Runs on the model's device in chunks of ``batch_size``
+    sequences. Deterministic under ``seed`` on a given device (``torch.manual_seed``).
+
+    Args:
+        model: a transformers causal LM (the dense model that will be pruned).
+        tokenizer: its tokenizer (for the BOS / EOS ids).
+        num_samples, seq_len: N and L, as for file calibration.
+        seed: seed of the sampling.
+        batch_size: sequences generated at once.
+        temperature: sampling temperature (> 0).
+
+    Returns:
+        CalibrationSet with ``input_ids`` (num_samples, seq_len) int64 on the CPU and
+        ``description`` ``{"source": "self", "kind": "self", ...}``.
+
+    Raises:
+        CalibrationError: bad counts or temperature, or a tokenizer with neither BOS nor EOS.
+    """
+    import torch
+
+    _check_counts(num_samples, seq_len)
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise CalibrationError(f"self-calibration temperature must be > 0, got {temperature!r}")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise CalibrationError("self-calibration needs a tokenizer with a BOS or EOS token")
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    rows = []
+    with torch.no_grad():
+        for first in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - first)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=float(temperature),
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,
+                suppress_tokens=None if eos is None else [eos],
+                pad_token_id=eos if eos is not None else start,
+            )
+            rows.append(out[:, :seq_len].cpu())
+    description = {
+        "source": "self",
+        "kind": "self",
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "seed": seed,
+        "temperature": float(temperature),
+    }
+    return CalibrationSet(torch.cat(rows, dim=0), description)
