@@ -4,7 +4,8 @@
 //!
 //! Conventions:
 //! * array arguments are numpy arrays of float32 or float64 (native byte order), C-contiguous
-//!   and aligned (anything else raises `TypeError` naming the argument; a wrong number of dimensions raises `ShapeMismatchError`);
+//!   and aligned (anything else raises `TypeError` naming the argument; a wrong number of
+//!   dimensions raises `ShapeMismatchError`);
 //! * activation chunks are viewed zero-copy; weights given as float32 are converted to float64
 //!   once (without the GIL); float64 weights are viewed zero-copy;
 //! * every computation runs inside `py.detach` (the GIL is released) on all rayon threads;
