@@ -358,3 +358,53 @@ fn paired_moments_sums_and_merge() {
     assert!(max_abs_diff_vec(&fa.scale, &fo.scale) < 1e-10);
     assert!(max_abs_diff_vec(&fa.bias, &fo.bias) < 1e-9);
 }
+
+#[test]
+fn general_strides_and_mixed_layouts() {
+    // reverse_rows gives a negative row stride: neither rows nor columns are contiguous
+    // slices, so the inputs go through the row-major copy.
+    let mut r = rng(9);
+    let (n, d) = (150, 7);
+    let x = correlated(&mut r, n, d, 1.0);
+    let flipped = x.as_ref().reverse_rows();
+    let x_rev = Mat::from_fn(n, d, |i, j| x[(n - 1 - i, j)]);
+    let mut a = Moments::new(d);
+    a.update(flipped, Par::Seq).unwrap();
+    let mut b = Moments::new(d);
+    b.update(x_rev.as_ref(), Par::Seq).unwrap();
+    assert_eq!(a.count(), b.count());
+    assert!(max_abs_diff(&a.covariance().unwrap(), &b.covariance().unwrap()) < 1e-12);
+    let mut q = SquareSums::new(d);
+    q.update(flipped, par2()).unwrap();
+    let mut q2 = SquareSums::new(d);
+    q2.update(x_rev.as_ref(), Par::Seq).unwrap();
+    assert!(max_abs_diff_vec(q.sum_squares(), q2.sum_squares()) < 1e-10);
+    // a NaN is still located in the caller's coordinates
+    let mut bad = x.clone();
+    bad[(n - 1 - 5, 3)] = f64::NAN; // row 5 of the flipped view
+    assert!(matches!(
+        Moments::new(d).update(bad.as_ref().reverse_rows(), Par::Seq),
+        Err(SlimError::NonFinite { row: 5, col: 3, .. })
+    ));
+    // PairedMoments with one row-major and one column-major input, and with flipped views
+    let f = correlated(&mut r, n, d, 1.0);
+    let ft = f.transpose().to_owned();
+    let mut p1 = PairedMoments::new(d);
+    p1.update(x.as_ref(), ft.as_ref().transpose()).unwrap();
+    let mut p2 = PairedMoments::new(d);
+    p2.update(x.as_ref(), f.as_ref()).unwrap();
+    let mut p3 = PairedMoments::new(d);
+    p3.update(x.as_ref().reverse_rows(), f.as_ref().reverse_rows())
+        .unwrap();
+    let s1 = p1.sums();
+    let s2 = p2.sums();
+    let s3 = p3.sums();
+    for (u, (v, w)) in [s1.0, s1.1, s1.2, s1.3, s1.4].iter().zip(
+        [s2.0, s2.1, s2.2, s2.3, s2.4]
+            .iter()
+            .zip([s3.0, s3.1, s3.2, s3.3, s3.4].iter()),
+    ) {
+        assert!(max_abs_diff_vec(u, v) < 1e-9);
+        assert!(max_abs_diff_vec(u, w) < 1e-9);
+    }
+}
