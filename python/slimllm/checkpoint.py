@@ -63,6 +63,9 @@ __all__ = [
     "resolve_dtype",
     "is_pruned_config",
     "REPORT_NAME",
+    "read_json",
+    "check_architecture",
+    "check_weights",
     "REMOTE_CODE_NAME",
 ]
 
@@ -132,7 +135,9 @@ def is_pruned_config(config: dict[str, Any] | Any) -> bool:
     return isinstance(model_type, str) and model_type.startswith(REMOTE_MODEL_TYPE_PREFIX)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file (config.json, index, report); ``what`` names it in errors.
+    Raises CheckpointError when missing, unreadable, not JSON or not an object."""
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -145,7 +150,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _check_architecture(config: dict[str, Any], where: str) -> str:
+def check_architecture(config: dict[str, Any], where: str) -> str:
     """The base family of a config.json dict; UnsupportedArchitectureError when there is none."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
@@ -160,7 +165,7 @@ def _check_architecture(config: dict[str, Any], where: str) -> str:
     return family
 
 
-def _check_weights(folder: Path) -> list[Path]:
+def check_weights(folder: Path) -> list[Path]:
     """Validate the weight files of a local folder before loading: every safetensors file the
     index names (or ``model.safetensors``) must exist and have a complete, parseable header.
     Returns the weight files. Raises CheckpointError."""
@@ -168,7 +173,7 @@ def _check_weights(folder: Path) -> list[Path]:
 
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
-        index = _read_json(index_path, "safetensors index")
+        index = read_json(index_path, "safetensors index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"safetensors index {index_path} has no weight_map")
@@ -278,9 +283,9 @@ def load_model(
     if path.suffix.lower() == ".gguf":
         return _load_gguf(path, torch_dtype, torch_device)
     if path.is_dir():
-        config = _read_json(path / "config.json", "model config")
-        _check_architecture(config, str(path))
-        _check_weights(path)
+        config = read_json(path / "config.json", "model config")
+        check_architecture(config, str(path))
+        check_weights(path)
         if is_pruned_config(config):
             model = load_pruned(path, dtype=torch_dtype, device=torch_device)
             return model, _load_tokenizer(str(path), str(path))
@@ -309,8 +314,8 @@ def _load_hub(repo_id: str, dtype: torch.dtype, device: torch.device) -> tuple[n
         ) from exc
     if config_file is None:
         raise CheckpointError(f"hub repository {repo_id!r} has no config.json")
-    config = _read_json(Path(config_file), "model config")
-    _check_architecture(config, repo_id)
+    config = read_json(Path(config_file), "model config")
+    check_architecture(config, repo_id)
     tokenizer = _load_tokenizer(repo_id, repo_id)
     if is_pruned_config(config):
         return load_pruned(repo_id, dtype=dtype, device=device), tokenizer
@@ -407,9 +412,9 @@ def load_pruned(
     folder = Path(os.fspath(path)).expanduser()
     source = str(folder)
     if folder.is_dir():
-        config_dict = _read_json(folder / "config.json", "model config")
-        family = _check_architecture(config_dict, source)
-        _check_weights(folder)
+        config_dict = read_json(folder / "config.json", "model config")
+        family = check_architecture(config_dict, source)
+        check_weights(folder)
     elif folder.exists():
         raise CheckpointError(f"{folder} is not a model folder")
     else:
@@ -419,10 +424,10 @@ def load_pruned(
         from transformers.utils import cached_file
 
         try:
-            config_dict = _read_json(Path(cached_file(source, "config.json")), "model config")
+            config_dict = read_json(Path(cached_file(source, "config.json")), "model config")
         except (OSError, ValueError, TypeError) as exc:
             raise CheckpointError(f"could not fetch {source!r} from the hub: {exc}") from exc
-        family = _check_architecture(config_dict, source)
+        family = check_architecture(config_dict, source)
 
     if is_pruned_config(config_dict):
         config_cls, model_cls = _remote().FAMILIES[family]

@@ -385,9 +385,9 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
     """
     from slimllm.checkpoint import (
         REPORT_NAME,
-        _check_architecture,
-        _check_weights,
-        _read_json,
+        check_architecture,
+        check_weights,
+        read_json,
         is_pruned_config,
     )
 
@@ -400,9 +400,9 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
             f"{folder} is not a model folder (inspect reads a folder with config.json and "
             "*.safetensors weights)"
         )
-    config = _read_json(folder / "config.json", "model config")
-    family = _check_architecture(config, where)
-    files = _check_weights(folder)
+    config = read_json(folder / "config.json", "model config")
+    family = check_architecture(config, where)
+    files = check_weights(folder)
     if any(f.suffix != ".safetensors" for f in files):
         raise CheckpointError(
             f"{where} holds PyTorch .bin weights only; inspect reads safetensors headers "
@@ -484,7 +484,7 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
     report_path = folder / REPORT_NAME
     if report_path.exists():
         try:
-            info.report = summarize_report(_read_json(report_path, "report"))
+            info.report = summarize_report(read_json(report_path, "report"))
         except CheckpointError as exc:
             info.warnings.append(f"{REPORT_NAME} ignored: {exc}")
         if info.report is not None:
