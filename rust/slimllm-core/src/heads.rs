@@ -426,7 +426,9 @@ impl<'a> SetSums<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadMode {
     /// The same number of query heads is removed from every KV group; swaps stay in a group.
-    /// With one head per group (or G = H, MHA) this is the paper's unconstrained selection.
+    /// With G = 1 this is the paper's unconstrained selection. With G = H (MHA) every group
+    /// holds one head, so only `n_prune = 0` is valid: prune MHA heads in `KvGroup` mode, where
+    /// each group is one head and its k/v heads go with it.
     Uniform,
     /// Whole KV groups are removed (their query heads and the k/v heads).
     KvGroup,
