@@ -400,7 +400,7 @@ def fake_load(monkeypatch, make_tiny_model, tiny_tokenizer):
     from slimllm.commands import eval as eval_cmd
 
     def load(source, dtype, device):
-        layers = 2 if source == "dense" else 1
+        layers = 2 if Path(source).name == "dense" else 1
         return make_tiny_model("llama", layers=layers, seed=3).to(device), copy.deepcopy(tiny_tokenizer)
 
     monkeypatch.setattr(eval_cmd, "load", load)
@@ -411,17 +411,19 @@ def test_cli_json_output(fake_load, data_dir, text_file, tmp_path, capsys):
     from slimllm.cli import main
 
     out = tmp_path / "eval.json"
+    dense = tmp_path / "dense"
+    dense.mkdir()
     rc = main([
         "eval", "--model", "pruned", "--device", "cpu", "--data-dir", str(data_dir),
         "--ppl-file", str(text_file), "--seq-len", "32", "--max-windows", "4",
         "--tasks", "piqa,boolq", "--limit", "2",
-        "--compare", "dense", "--speed-prompt-len", "8", "--speed-new-tokens", "2",
+        "--compare", str(dense), "--speed-prompt-len", "8", "--speed-new-tokens", "2",
         "--speed-warmup", "0", "--speed-repeats", "1",
         "--json", str(out),
     ])
     assert rc == 0
     report = json.loads(out.read_text())
-    assert report["model"] == "pruned" and report["compare"] == "dense"
+    assert report["model"] == "pruned" and report["compare"] == str(dense)
     assert report["settings"]["seq_len"] == 32
     p = report["perplexity"][str(text_file)]
     assert set(p) >= {"ppl", "nll", "tokens", "windows", "seq_len", "source"}
@@ -463,6 +465,7 @@ def test_cli_default_is_wikitext_and_ptb(fake_load, data_dir, tmp_path):
         (["--tasks", "piqa", "--limit", "0"], "limit"),
         (["--tasks", "piqa", "--data-dir", "/nonexistent"], "not found"),
         (["--json", "/nonexistent/dir/x.json"], "does not exist"),
+        (["--compare", "/nonexistent/dense"], "CheckpointError"),
     ],
 )
 def test_cli_bad_input(fake_load, data_dir, argv, message, capsys):
@@ -473,7 +476,7 @@ def test_cli_bad_input(fake_load, data_dir, argv, message, capsys):
         args += ["--data-dir", str(data_dir)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "ConfigError" in err and message in err
+    assert ("ConfigError" in err or "CheckpointError" in err) and message in err
 
 
 def test_cli_with_saved_model(make_tiny_model, tiny_tokenizer, tmp_path, text_file):

@@ -233,19 +233,26 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+def window_nll(
+    model, windows: torch.Tensor, batch_size: int = 1, progress: bool | str = False
+) -> torch.Tensor:
     """Per-token negative log-likelihood (nats) of each window, scored independently.
 
     ``windows``: ``(n_windows, seq_len)`` token ids. Returns a float64 CPU tensor of shape
     ``(n_windows, seq_len - 1)``: entry ``[i, t]`` is ``-log p(windows[i, t+1] |
-    windows[i, :t+1])``; logits are upcast to float32 before the log-softmax. Raises
-    :class:`ConfigError` for ``batch_size < 1``.
+    windows[i, :t+1])``; logits are upcast to float32 before the log-softmax. ``progress``:
+    a tqdm bar on stderr (a string is its label). Raises :class:`ConfigError` for
+    ``batch_size < 1``.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    from tqdm.auto import tqdm
+
     device = _model_device(model)
     out = []
-    for start in range(0, windows.shape[0], batch_size):
+    starts = range(0, windows.shape[0], batch_size)
+    label = progress if isinstance(progress, str) else "perplexity"
+    for start in tqdm(starts, desc=label, unit="batch", disable=not progress, leave=False):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :].float()
         nll = torch.nn.functional.cross_entropy(
@@ -284,14 +291,15 @@ def perplexity(
     batch_size: int = 1,
     dataset: str = "text",
     source: str = "",
+    progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text``: non-overlapping windows of ``seq_len`` tokens (the
     first ``max_windows`` of them), ``exp`` of the mean token NLL over all predicted tokens.
-    ``batch_size`` windows go through the model at a time (on the model's device). Errors as
-    :func:`tokenize_windows`."""
+    ``batch_size`` windows go through the model at a time (on the model's device);
+    ``progress`` shows a bar on stderr. Errors as :func:`tokenize_windows`."""
     t0 = time.perf_counter()
     windows = tokenize_windows(tokenizer, text, seq_len, max_windows)
-    nll = window_nll(model, windows, batch_size)
+    nll = window_nll(model, windows, batch_size, progress=dataset if progress else False)
     mean = float(nll.mean())
     return PerplexityResult(
         dataset=dataset,
@@ -314,6 +322,7 @@ def evaluate_perplexity(
     seq_len: int = DEFAULT_SEQ_LEN,
     max_windows: int | None = None,
     batch_size: int = 1,
+    progress: bool = False,
 ) -> PerplexityResult:
     """:func:`load_ppl_text` then :func:`perplexity`; ``dataset`` in the result is the name or
     path as given. Raises :class:`ConfigError` as those do."""
@@ -327,6 +336,7 @@ def evaluate_perplexity(
         batch_size=batch_size,
         dataset=os.fspath(name_or_path),
         source=source,
+        progress=progress,
     )
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slimllm.errors import ConfigError
+from slimllm.errors import CheckpointError, ConfigError
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -129,6 +129,11 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         tasks = evaluate.check_tasks(
             args.tasks.split(","), task_source=args.task_source, data_dir=args.data_dir
         )
+    if args.compare:
+        text = args.compare
+        looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1
+        if looks_local and not Path(text).expanduser().exists():
+            raise CheckpointError(f"--compare {text}: no such model folder or file")
     if args.json:
         parent = Path(args.json).expanduser().resolve().parent
         if not parent.is_dir():
@@ -202,6 +207,7 @@ def build_report(
             seq_len=args.seq_len,
             max_windows=args.max_windows,
             batch_size=args.batch_size,
+            progress=sys.stderr.isatty(),
         )
         report["perplexity"][name] = r.to_dict()
         _log(f"{name}: ppl {r.ppl:.3f} ({r.windows} windows x {r.seq_len} tokens, {r.seconds:.1f} s)")
