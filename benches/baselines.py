@@ -329,7 +329,12 @@ def torch_pruning_status() -> str:
         import torch_pruning as tp
     except ImportError:
         return "torch-pruning is not installed (pip install torch-pruning)"
-    version = getattr(tp, "__version__", "?")
+    try:
+        from importlib.metadata import version as _dist_version
+
+        version = _dist_version("torch-pruning")
+    except Exception:  # pragma: no cover - metadata missing
+        version = getattr(tp, "__version__", "?")
     return (
         f"torch-pruning {version} is installed but not used: on transformers "
         f"{__import__('transformers').__version__} its dependency graph of a Llama block "
