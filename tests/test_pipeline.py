@@ -90,6 +90,12 @@ def _fit(x, w, kept_cols, recovery, damp):
     cov = xc.T @ xc / len(x)
     ckk = cov[np.ix_(kept_cols, kept_cols)]
     lam = damp * np.mean(np.diag(ckk))
+    if recovery == "ridge-delta":  # shrink toward the kept weights: fit W_P x_P with x_K
+        target = w.copy()
+        target[:, kept_cols] = 0.0
+        delta = np.linalg.solve(ckk + lam * np.eye(len(kept_cols)), cov[kept_cols] @ target.T).T
+        new_w[:, kept_cols] = w[:, kept_cols] + delta
+        return new_w, target @ mu - delta @ mu[kept_cols]
     wt = np.linalg.solve(ckk + lam * np.eye(len(kept_cols)), cov[kept_cols] @ w.T)
     new_w[:, kept_cols] = wt.T
     return new_w, w @ mu - wt.T @ mu[kept_cols]
@@ -136,7 +142,7 @@ def test_ratio_zero_is_a_noop(make_tiny_model, case):
     assert report["parameters"]["before"] == report["parameters"]["after"] == count_parameters(model)
 
 
-@pytest.mark.parametrize("recovery", ["none", "affine", "ridge"])
+@pytest.mark.parametrize("recovery", ["none", "affine", "ridge", "ridge-delta"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_sliced_model_equals_masked_model(make_tiny_model, case, recovery):
     arch, heads, kv, tied = case

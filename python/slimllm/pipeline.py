@@ -56,7 +56,7 @@ from slimllm.ratios import (
 
 __all__ = ["PruneConfig", "prune_model", "RECOVERY_MODES"]
 
-RECOVERY_MODES = ("affine", "ridge", "none")
+RECOVERY_MODES = ("affine", "ridge", "ridge-delta", "none")
 
 
 @dataclass
@@ -75,7 +75,9 @@ class PruneConfig:
             ``"kv-group"`` (whole KV groups removed, k_proj/v_proj rows too).
         greedy: run the paper's greedy head swap (Algorithm 1) after the score ranking.
         recovery: ``"affine"`` (per-coordinate scale + bias, paper default), ``"ridge"``
-            (ridge re-fit of o_proj / down_proj over the kept inputs) or ``"none"``.
+            (ridge re-fit of o_proj / down_proj over the kept inputs, DESIGN.md section 2),
+            ``"ridge-delta"`` (the same least squares, regularised toward the original kept
+            weights instead of toward zero) or ``"none"``.
         ridge_damp: ridge lambda relative to mean(diag C_KK) (DESIGN.md section 2).
         protect_lowest: fraction of the lowest-scoring channels kept before pruning the next
             ones (paper quirk, 0.01).
@@ -233,15 +235,22 @@ def _np64(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to(device="cpu", dtype=torch.float64).numpy())
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def _to(obj: Any, device: torch.device, memo: dict | None = None) -> Any:
+    """``obj`` (tensors in nested tuples/lists/dicts) on ``device``; ``memo`` maps tensors
+    already moved (by id) so that objects shared by every layer are moved once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        key = id(obj)
+        if key not in memo:
+            memo[key] = (obj, obj.to(device))  # keep obj alive so its id stays unique
+        return memo[key][1]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -325,6 +334,7 @@ def _capture(model, adapter, chunks, device, timings):
     n = len(layers)
     hidden: list = []
     kwargs: list = [[] for _ in range(n)]
+    memo: dict = {}
     first_param = next(model.parameters())
     embed_device = first_param.device
     try:
@@ -345,7 +355,7 @@ def _capture(model, adapter, chunks, device, timings):
                 )
             kw = {k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "past_key_value")}
             kw["use_cache"] = False
-            kwargs[index].append(_to(kw, device))
+            kwargs[index].append(_to(kw, device, memo))
             if index == 0:
                 hidden.append(h.detach().to(device))
             if index == n - 1:
@@ -532,13 +542,13 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         with timings("forward"):
             for c, x in enumerate(h):
                 y = _run_layer(layer, x, block_kwargs[i][c])
-                if not torch.isfinite(y).all():
+                s, k = _mean_cos(x, y)
+                if not math.isfinite(s):  # NaN or inf anywhere in y (or x) makes the sum NaN
                     layer.to(home)
                     raise NonFiniteError(
                         f"layer {i}: non-finite values in the block output of the dense forward "
                         f"(chunk {c}); check the weights of layer {i}"
                     )
-                s, k = _mean_cos(x, y)
                 total, count = total + s, count + k
                 outs.append(y)
         dense_out.append([o.to(device="cpu", dtype=torch.bfloat16) for o in outs])
@@ -659,10 +669,8 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
                 scale, fit_bias = _core.affine_fit_heads(moments, w_o64, m, kept_heads)
                 weight = w_o64[:, cols] * np.asarray(scale)[:, None]
                 bias = np.asarray(fit_bias)
-            elif config.recovery == "ridge":
-                weight, bias = _core.ridge_reconstruct(moments, w_o64, cols.astype(np.int64).tolist(),
-                                                       config.ridge_damp)
-                weight, bias = np.asarray(weight), np.asarray(bias)
+            elif config.recovery in ("ridge", "ridge-delta"):
+                weight, bias = _ridge(moments, w_o64, cols, config)
             if bias is not None and old_o_bias is not None:
                 bias = bias + old_o_bias
         with timings("slicing"):
@@ -701,7 +709,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
     if prune_channels:
         in_sq = _core.SquareSums(d)
         act_sq = _core.SquareSums(Fi)
-        act_mom = _core.Moments(Fi) if config.recovery == "ridge" else None
+        act_mom = _core.Moments(Fi) if config.recovery.startswith("ridge") else None
         y_mom = _core.Moments(d)
         down = mlp.down_proj
         old_down_bias = down.bias.detach().clone() if down.bias is not None else None
@@ -765,16 +773,16 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
         kept_ch = np.flatnonzero(mask)
         if len(kept_ch) != Fi - p.channels_removed:
             raise SlimLLMError(f"layer {i}: channel selection does not match the plan")
+        pruned_t = torch.as_tensor(pruned_ch, dtype=torch.long, device=w_down.device)
+        w_down_pruned = w_down.detach().index_select(1, pruned_t)
         with timings("slicing"):
             slicing.keep_channels(adapter, layer, kept_ch.tolist())
         down = mlp.down_proj
         kept_t = torch.as_tensor(kept_ch, dtype=torch.long, device=acts[0].device)
         y_rec: list = []
-        if config.recovery == "ridge":
+        if config.recovery.startswith("ridge"):
             with timings("regression"), _context(f"layer {i}, down_proj recovery"):
-                weight, bias = _core.ridge_reconstruct(act_mom, w_down64, kept_ch.tolist(),
-                                                       config.ridge_damp)
-                bias = np.asarray(bias)
+                weight, bias = _ridge(act_mom, w_down64, kept_ch, config)
                 if old_down_bias is not None:
                     bias = bias + _np64(old_down_bias)
             with timings("slicing"):
@@ -784,11 +792,15 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
                 for a in acts:
                     y_rec.append(down(a.index_select(-1, kept_t)))
         else:
+            # y_K = y_full - (contribution of the pruned channels): r/(1-r) of the work of
+            # multiplying the kept channels again
             w_k = down.weight
+            pruned_a = pruned_t.to(acts[0].device)
+            w_p = w_down_pruned.to(acts[0].device)
             y_pruned = []
             with timings("forward"):
-                for a in acts:
-                    y_pruned.append(F.linear(a.index_select(-1, kept_t), w_k))
+                for a, yf in zip(acts, y_full):
+                    y_pruned.append(yf - F.linear(a.index_select(-1, pruned_a), w_p))
             if config.recovery == "affine":
                 paired = _core.PairedMoments(d)
                 with timings("statistics"), _context(f"layer {i}, pruned vs full MLP output"):
@@ -827,12 +839,31 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
 
     total, count = 0.0, 0
     for x, y in zip(h, outs):
-        if not torch.isfinite(y).all():
-            raise NonFiniteError(f"layer {i}: non-finite values in the pruned block output")
         s, k = _mean_cos(x, y)
         total, count = total + s, count + k
+    if not math.isfinite(total):
+        raise NonFiniteError(f"layer {i}: non-finite values in the pruned block output")
     info["layer_cosine"] = total / count
     return outs, info
+
+
+def _ridge(moments, w64: np.ndarray, kept_cols: np.ndarray, config: PruneConfig):
+    """Ridge recovery of a projection ``w64`` (d_out, D_in) restricted to ``kept_cols``.
+
+    ``ridge`` (DESIGN.md section 2): W' = argmin ||x_K W'^T + b - W x||^2 + lam ||W'||^2.
+    ``ridge-delta``: W' = W_K + Delta with Delta = argmin ||x_K Delta^T + b - W_P x_P||^2 +
+    lam ||Delta||^2, i.e. the same least squares shrunk toward the original kept weights
+    instead of toward zero (identical at lam = 0); computed by the same core call on W with the
+    kept columns zeroed. Returns float64 (weight (d_out, |K|), bias (d_out,)), bias-free fit.
+    """
+    kept = np.asarray(kept_cols, dtype=np.int64)
+    if config.recovery == "ridge-delta":
+        target = w64.copy()
+        target[:, kept] = 0.0
+        delta, bias = _core.ridge_reconstruct(moments, target, kept.tolist(), config.ridge_damp)
+        return w64[:, kept] + np.asarray(delta), np.asarray(bias)
+    weight, bias = _core.ridge_reconstruct(moments, w64, kept.tolist(), config.ridge_damp)
+    return np.asarray(weight), np.asarray(bias)
 
 
 @contextmanager

@@ -71,11 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cache). MHA models remove heads with their K/V rows either way")
     method.add_argument("--no-greedy", dest="greedy", action="store_false",
                         help="skip the greedy head swap of the paper's Algorithm 1 (ablation)")
-    method.add_argument("--recovery", choices=["affine", "ridge", "none"], default=d["recovery"].default,
-                        help="output recovery of o_proj/down_proj: per-coordinate affine fit (paper), "
-                             "ridge re-fit over the kept inputs, or none")
+    method.add_argument("--recovery", choices=["affine", "ridge", "ridge-delta", "none"],
+                        default=d["recovery"].default,
+                        help="output recovery of o_proj/down_proj: per-coordinate affine fit "
+                             "(paper); 'ridge': ridge re-fit of the kept columns (shrunk toward 0); "
+                             "'ridge-delta': the same least squares shrunk toward the original "
+                             "kept weights; or none. Every mode but none adds a bias")
     method.add_argument("--ridge-damp", type=float, default=d["ridge_damp"].default,
-                        help="ridge lambda as a fraction of mean(diag C_KK) (--recovery ridge)")
+                        help="ridge lambda as a fraction of mean(diag C_KK) (ridge, ridge-delta)")
     method.add_argument("--protect-lowest", type=float, default=d["protect_lowest"].default,
                         help="fraction of lowest-scoring MLP channels kept before pruning the next "
                              "ones (paper quirk; 0 disables)")
