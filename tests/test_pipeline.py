@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -394,10 +393,9 @@ def _calib_text(path, repeats=60):
 
 
 def _cli(*args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    """Run the installed package's CLI (the same interpreter as the tests)."""
     return subprocess.run([sys.executable, "-m", "slimllm", "prune", *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path):
@@ -429,6 +427,31 @@ def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path):
     torch.testing.assert_close(_logits(reloaded, probe), _logits(model, probe), rtol=1e-5, atol=1e-6)
     assert reloaded.model.layers[0].self_attn.o_proj.bias is not None
     assert count_parameters(reloaded) == report["parameters"]["counted_after"]
+
+
+def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_tokenizer, tmp_path):
+    """No calibration source: the sequences are sampled from the model (issue 4, item 1), and
+    the result equals an in-memory prune on the same self-generated sequences."""
+    from slimllm.calibration import self_generated
+    from slimllm.checkpoint import load_pruned
+
+    dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
+    src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
+    out = tmp_path / "pruned"
+    run = _cli("--model", src, "--output", out, "--ratio", 0.2, "--num-samples", 4,
+               "--seq-len", 16, "--batch-size", 2, "--seed", 3, "--no-progress")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "slimllm_report.json").read_text())
+    assert report["calibration"]["kind"] == "self" and report["calibration"]["seed"] == 3
+    calib = self_generated(dense, tiny_tokenizer, 4, 16, 3, batch_size=2)
+    model, _ = prune_model(copy.deepcopy(dense), tiny_tokenizer, calib,
+                           PruneConfig(ratio=0.2, batch_size=2, progress=False))
+    probe = _ids(dense.config.vocab_size, n=2, seed=11)
+    torch.testing.assert_close(_logits(load_pruned(out), probe), _logits(model, probe),
+                               rtol=1e-5, atol=1e-6)
+    both = _cli("--model", src, "--output", tmp_path / "x", "--ratio", 0.2, "--calib", "self",
+                "--calib-file", src / "config.json")
+    assert both.returncode == 2 and "one calibration source" in both.stderr
 
 
 def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path):
@@ -494,8 +517,7 @@ def test_cli_nan_and_unsupported_leave_no_output(make_tiny_model, tiny_tokenizer
 
 def test_cli_help_documents_every_option():
     run = subprocess.run([sys.executable, "-m", "slimllm", "prune", "--help"], capture_output=True,
-                         text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO / "python")})
+                         text=True, cwd=REPO)
     assert run.returncode == 0
     for option in ("--model", "--output", "--dtype", "--device", "--ratio", "--layer-ratios",
                    "--pruned-layers", "--alpha", "--head-mode", "--no-greedy", "--recovery",

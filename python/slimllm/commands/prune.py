@@ -83,7 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of lowest-scoring MLP channels kept before pruning the next "
                              "ones (paper quirk; 0 disables)")
 
-    calib = parser.add_argument_group("calibration")
+    calib = parser.add_argument_group(
+        "calibration",
+        "One source: --calib-file, --calib-dataset, or --calib self. With none given, the "
+        "sequences are sampled from the model itself (self-calibration, no dataset needed).",
+    )
+    calib.add_argument("--calib", choices=["self"], default=None,
+                       help="'self': sample the calibration sequences from the model's own "
+                            "distribution (the default when no file or dataset is given)")
+    calib.add_argument("--calib-temperature", type=float, default=1.0,
+                       help="sampling temperature of --calib self")
     calib.add_argument("--calib-file", default=None,
                        help="calibration text: a plain text file, or .jsonl with a text field per line")
     calib.add_argument("--calib-dataset", default=None, metavar="NAME",
@@ -115,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from slimllm.calibration import load_calibration, read_documents
+    from slimllm.calibration import load_calibration, read_documents, self_generated
     from slimllm.errors import CalibrationError, CheckpointError
     from slimllm.pipeline import PruneConfig
 
@@ -137,8 +146,12 @@ def run(args: argparse.Namespace) -> int:
     output = Path(os.path.expanduser(args.output))
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise CheckpointError(f"output folder {output} already exists and is not empty; refusing to overwrite")
-    if (args.calib_file is None) == (args.calib_dataset is None):
-        raise CalibrationError("give exactly one calibration source: --calib-file or --calib-dataset")
+    sources = [s for s in (args.calib, args.calib_file, args.calib_dataset) if s is not None]
+    if len(sources) > 1:
+        raise CalibrationError(
+            "give one calibration source: --calib self, --calib-file or --calib-dataset"
+        )
+    self_calibration = not sources
     if args.calib_file is not None:
         read_documents(args.calib_file, args.calib_text_field)  # fail before loading the model
     if args.num_samples < 1 or args.seq_len < 1:
@@ -152,17 +165,29 @@ def run(args: argparse.Namespace) -> int:
     t_load = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    calib = load_calibration(
-        tokenizer,
-        calib_file=args.calib_file,
-        dataset=args.calib_dataset,
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        text_field=args.calib_text_field,
-        dataset_config=args.calib_config,
-        dataset_split=args.calib_split,
-    )
+    if self_calibration:
+        calib = self_generated(
+            model.to(config.device),
+            tokenizer,
+            args.num_samples,
+            args.seq_len,
+            args.seed,
+            batch_size=args.batch_size,
+            temperature=args.calib_temperature,
+        )
+        model.to("cpu")
+    else:
+        calib = load_calibration(
+            tokenizer,
+            calib_file=args.calib_file,
+            dataset=args.calib_dataset,
+            num_samples=args.num_samples,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            text_field=args.calib_text_field,
+            dataset_config=args.calib_config,
+            dataset_split=args.calib_split,
+        )
     t_calib = time.perf_counter() - t0
 
     model, report = prune_model(model, tokenizer, calib, config)
