@@ -466,6 +466,7 @@ def test_cli_default_is_wikitext_and_ptb(fake_load, data_dir, tmp_path):
         (["--tasks", "piqa", "--data-dir", "/nonexistent"], "not found"),
         (["--json", "/nonexistent/dir/x.json"], "does not exist"),
         (["--compare", "/nonexistent/dense"], "CheckpointError"),
+        (["--threads", "0"], "threads"),
     ],
 )
 def test_cli_bad_input(fake_load, data_dir, argv, message, capsys):

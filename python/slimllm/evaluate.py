@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import inspect
 import logging
 import math
@@ -546,11 +547,13 @@ class SpeedResult:
     """Inference speed of one model (medians over ``repeats`` after ``warmup`` runs).
 
     ``prefill_tokens_per_s``: ``batch * prompt_len`` / time of one forward over the prompt
-    that fills the KV cache. ``decode_tokens_per_s``: ``batch * new_tokens`` / time of
+    that fills the KV cache (logits of the last position only, as ``generate`` does). ``decode_tokens_per_s``: ``batch * new_tokens`` / time of
     ``new_tokens`` greedy one-token steps on that cache. ``peak_memory_bytes``: on CUDA the
     largest ``torch.cuda.max_memory_allocated`` during a run (weights included); on CPU the
-    peak resident set size during a run minus the RSS before it (weights excluded, see
-    ``memory_kind``). ``weight_bytes``: parameters + buffers. Times in seconds."""
+    peak resident set size during a run minus the RSS before it, freed heap returned to the
+    OS first (activations and KV cache; weights excluded, see ``memory_kind``).
+    ``weight_bytes``: parameters + buffers. Times in seconds. On a CPU shared with other
+    processes, fewer torch threads (``torch.set_num_threads``) give steadier decode timings."""
 
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
@@ -604,6 +607,18 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) so that the RSS before a
+    run is the live memory only and the run's allocations show up as RSS growth again."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the delta may read low
+        pass
+
+
 def _peak_rss_bytes() -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -630,6 +645,8 @@ class _SpeedRunner:
         except (TypeError, ValueError):  # pragma: no cover - exotic callables
             params = {}
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # like generate(): the prefill computes the logits of the last position only
+        self.prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     def _cache(self, out):
         cache = getattr(out, self.cache_arg, None)
@@ -640,7 +657,7 @@ class _SpeedRunner:
         model, device = self.model, self.device
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=self.prompt, use_cache=True)
+        out = model(input_ids=self.prompt, use_cache=True, **self.prefill_kwargs)
         _sync(device)
         t1 = time.perf_counter()
         cache = self._cache(out)
@@ -662,6 +679,7 @@ class _SpeedRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.run()
             return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
+        _release_free_heap()
         before = _rss_bytes()
         if before is not None and _reset_peak_rss():
             self.run()

@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 gives steadier timings on a busy machine",
+    )
+    parser.add_argument(
         "--data-dir",
         default=None,
         help="evaluation data folder (default: $SLIMLLM_DATA_DIR, else ../shared/data)",
@@ -110,6 +116,7 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise ConfigError(f"--seq-len must be at least 2, got {args.seq_len}")
     for name in ("max_windows", "limit"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    _positive("--threads", args.threads)
     for name in ("batch_size", "speed_prompt_len", "speed_new_tokens", "speed_batch_size", "speed_repeats"):
         _positive("--" + name.replace("_", "-"), getattr(args, name), allow_none=False)
     if args.speed_warmup < 0:
@@ -181,6 +188,7 @@ def build_report(
         "device": device,
         "parameters": sum(p.numel() for p in model.parameters()),
         "settings": {
+            "threads": torch.get_num_threads(),
             "seq_len": args.seq_len,
             "max_windows": args.max_windows,
             "batch_size": args.batch_size,
@@ -267,6 +275,10 @@ def run(args: argparse.Namespace) -> int:
     from slimllm import evaluate
 
     texts, tasks = _validate(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = _device(args.device)
     t0 = time.perf_counter()
     model, tokenizer = load(args.model, args.dtype, device)
