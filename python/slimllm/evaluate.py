@@ -279,6 +279,7 @@ class PerplexityResult:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -573,6 +574,7 @@ class SpeedResult:
     decode_all_s: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
 
