@@ -287,6 +287,9 @@ def parse_args(argv=None):
     p.add_argument("--zs-batch-size", type=int, default=16, help="lm-eval batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-cache", action="store_true", help="do not cache the dequantised GGUF under OUT/cache")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier OUT/quality.json made with the same measurement "
+                        "settings and run only the missing ones")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 8 calibration sequences, 4 windows, zero-shot on 2 tasks x 4 docs "
                         "for the main rows")
@@ -345,6 +348,19 @@ def main(argv=None) -> int:
         "args": vars(args),
     }
     results: list[dict] = []
+    if args.resume and (out / "quality.json").is_file():
+        old = json.loads((out / "quality.json").read_text())
+        keys = ("max_windows", "limit", "tasks", "num_samples", "seq_len", "seed", "calib", "model",
+                "zero_shot_on", "data_dir")
+        old_args = old.get("meta", {}).get("args", {})
+        diff = [k for k in keys if old_args.get(k) != getattr(args, k)]
+        if diff:
+            raise SystemExit(f"--resume: {out / 'quality.json'} was made with other settings ({', '.join(diff)})")
+        results = [r for r in old.get("results", []) if r["method"] in methods
+                   and (r["method"] == "dense" or r["target"] in ratios)]
+        meta["resumed_rows"] = len(results)
+        log(f"resuming: {len(results)} rows kept from {out / 'quality.json'}")
+    have = {(r["method"], r["target"]) for r in results}
 
     def save():
         meta["wall_seconds"] = time.perf_counter() - t_start
@@ -355,15 +371,24 @@ def main(argv=None) -> int:
             return False
         return args.zero_shot_on == "all" or not method.startswith("abl")
 
-    jobs = [(m, r) for r in ratios for m in methods if m != "dense"]
+    jobs = [(m, r) for r in ratios for m in methods if m != "dense" and (m, r) not in have]
     stats = None
     if any(BASELINES.get(m) in baselines.NEEDS_STATS for m, _ in jobs):
         t = time.perf_counter()
-        stats = baselines.collect_stats(dense, calib, args.batch_size)
-        meta["baseline_stats_seconds"] = time.perf_counter() - t
-        log(f"baseline activation statistics in {meta['baseline_stats_seconds']:.1f} s")
+        key = f"{Path(calib_path).name}-{args.num_samples}x{args.seq_len}-seed{args.seed}"
+        stats_file = None if args.no_cache else out / "cache" / f"baseline-stats-{key}.pt"
+        if stats_file is not None and stats_file.is_file() and not args.model:
+            stats = [baselines.LayerStats(**d) for d in torch.load(stats_file)]
+            log(f"baseline activation statistics loaded from {stats_file}")
+        else:
+            stats = baselines.collect_stats(dense, calib, args.batch_size)
+            meta["baseline_stats_seconds"] = time.perf_counter() - t
+            log(f"baseline activation statistics in {meta['baseline_stats_seconds']:.1f} s")
+            if stats_file is not None and not args.model:
+                stats_file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save([vars(st) for st in stats], stats_file)
 
-    if "dense" in methods:
+    if "dense" in methods and ("dense", 0.0) not in have:
         ev = evaluator(dense, zs_for("dense"))
         results.append({"method": "dense", "target": 0.0, "achieved_ratio": 0.0,
                         "params_after": params_dense, **ev})
@@ -380,6 +405,7 @@ def main(argv=None) -> int:
         gc.collect()
         row = {"method": method, "target": ratio, **info, **ev}
         results.append(row)
+        results.sort(key=lambda r: (r["target"], ALL_METHODS.index(r["method"])))
         save()
         done_s.append(time.perf_counter() - t)
         eta = statistics.fmean(done_s) * (len(jobs) - k - 1)

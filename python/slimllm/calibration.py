@@ -54,10 +54,12 @@ class CalibrationSet:
 
     @property
     def num_samples(self) -> int:
+        """N, the number of sequences."""
         return int(self.input_ids.shape[0])
 
     @property
     def seq_len(self) -> int:
+        """L, tokens per sequence."""
         return int(self.input_ids.shape[1])
 
     def batches(self, batch_size: int) -> list:

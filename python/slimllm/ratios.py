@@ -104,13 +104,16 @@ class RatioPlan:
 
     @property
     def params_removed(self) -> int:
+        """Parameters removed (an int: before - after)."""
         return self.params_before - self.params_after
 
     @property
     def achieved_ratio(self) -> float:
+        """Removed fraction of all parameters, params_removed / params_before."""
         return self.params_removed / self.params_before if self.params_before else 0.0
 
     def to_dict(self) -> dict:
+        """JSON-ready dict: ratios, exact counts, and one entry per layer."""
         return {
             "base_ratio": self.base_ratio,
             "target_ratio": self.target_ratio,

@@ -77,8 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(paper); 'ridge': ridge re-fit of the kept columns (shrunk toward 0); "
                              "'ridge-delta': the same least squares shrunk toward the original "
                              "kept weights; or none. Every mode but none adds a bias")
-    method.add_argument("--ridge-damp", type=float, default=d["ridge_damp"].default,
-                        help="ridge lambda as a fraction of mean(diag C_KK) (ridge, ridge-delta)")
+    method.add_argument("--ridge-damp", type=float, default=None,
+                        help="ridge lambda as a fraction of mean(diag C_KK); default 0.01 for "
+                             "ridge, 1.0 for ridge-delta")
     method.add_argument("--protect-lowest", type=float, default=d["protect_lowest"].default,
                         help="fraction of lowest-scoring MLP channels kept before pruning the next "
                              "ones (paper quirk; 0 disables)")
