@@ -519,7 +519,7 @@ def test_cli_help_documents_every_option():
     run = subprocess.run([sys.executable, "-m", "slimllm", "prune", "--help"], capture_output=True,
                          text=True, cwd=REPO)
     assert run.returncode == 0
-    for option in ("--model", "--output", "--dtype", "--device", "--ratio", "--layer-ratios",
+    for option in ("--model", "--output", "--resume", "--dtype", "--device", "--ratio", "--layer-ratios",
                    "--pruned-layers", "--alpha", "--head-mode", "--no-greedy", "--recovery",
                    "--ridge-damp", "--protect-lowest", "--channel-multiple", "--calib-file",
                    "--calib-dataset", "--num-samples", "--seq-len", "--seed", "--batch-size"):

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ __all__ = [
     "check_architecture",
     "check_weights",
     "REMOTE_CODE_NAME",
+    "remove_interrupted_saves",
 ]
 
 logger = logging.getLogger(__name__)
@@ -606,6 +608,21 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _temporary_prefix(output: Path) -> str:
+    return f".{output.name}.slimllm-tmp-"
+
+
+def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary folders that :func:`save_pruned` calls for ``output_dir`` left
+    behind when their process was killed (hidden siblings ``.NAME.slimllm-tmp-*``). Call only
+    when no other save to ``output_dir`` is running. Returns the folders removed."""
+    output = Path(os.fspath(output_dir)).expanduser().absolute()
+    stale = sorted(output.parent.glob(glob_escape(_temporary_prefix(output)) + "*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike, report: dict) -> Path:
     """Write a pruned model atomically (DESIGN.md section 6).
 
@@ -645,7 +662,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike,
 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.slimllm-tmp-", dir=output.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(output), dir=output.parent))
     except OSError as exc:
         raise CheckpointError(f"cannot create a folder next to {output}: {exc}") from exc
     try:

@@ -25,6 +25,11 @@ the style of a sequential (SparseGPT-like) pipeline:
    - pass 3: the block's outputs with both parts pruned (attention and MLP results fed from
      the stored tensors, so only norms and residual adds run) are the next block's inputs.
 
+With ``state_dir`` (``python -m slimllm prune`` always gives one, ``OUTPUT.partial``), the
+dense references after pass A and every finished block with the next block's inputs are
+recorded on disk (:mod:`slimllm.resume`), so a killed run continues after its last finished
+block with identical results.
+
 Only the current block is moved to ``device``. Activations reach the core as C-contiguous
 float32/float64 numpy arrays (bf16/f16 are upcast to float32). Nothing is materialised per head
 or per channel.
@@ -405,7 +410,7 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 # the pipeline
 
 
-def prune_model(model, tokenizer, calibration_batches, config: PruneConfig):
+def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, state_dir=None):
     """Prune ``model`` in place, block by block (DESIGN.md sections 1-5), and return it with
     the report.
 
@@ -417,6 +422,14 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig):
             (N, L), or an iterable of (b, L) tensors / ``{"input_ids": ...}`` dicts; re-chunked
             into ``config.batch_size`` sequences.
         config: a validated :class:`PruneConfig`.
+        state_dir: optional folder (str or path) for the resumable state of this run
+            (:mod:`slimllm.resume`): after the dense pass and after every block the progress
+            is recorded there, atomically. If it already holds the state of an interrupted
+            run of the same model, calibration set and settings, that run continues after its
+            last finished block and ends with exactly the tensors and report entries an
+            uninterrupted run gives (the report's ``resumed_from_block`` says where it
+            restarted; its timings cover this call only). The caller deletes the folder once
+            the result is saved.
 
     Returns:
         ``(model, report)``: the same model object with smaller Linear modules (and added
@@ -432,6 +445,9 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig):
         CalibrationError: empty calibration set or token ids outside the vocabulary.
         NonFiniteError: NaN/inf activations (found in the dense pass, before any weight
             changes; the message names the layer and tensor).
+        CheckpointError: ``state_dir`` is not a slimllm state folder, or cannot be written.
+        ConfigError: ``state_dir`` holds the state of a run with another model, calibration
+            set or settings (the message names what differs).
         Other ``SlimLLMError`` subclasses from the core, prefixed with the layer and tensor. An
         error during the block walk leaves earlier blocks pruned in memory.
     """
@@ -477,12 +493,22 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig):
         report["timings"] = {"total": time.perf_counter() - t_start}
         return model, report
 
+    state = expected = None
+    if state_dir is not None:
+        from slimllm.resume import PruneState, fingerprint
+
+        state = PruneState.open(state_dir)
+        expected = fingerprint(model, chunks, config.to_dict())
+        if state.resumable:
+            state.check(expected)
+            report["resumed_from_block"] = state.finished
+
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             report_layers, plan = _walk(model, adapter, layers, specs, chunks, config, device,
-                                        total_params, timings)
+                                        total_params, timings, state, expected)
     finally:
         model.train(was_training)
 
@@ -528,17 +554,74 @@ def _layer_entry(p, spec) -> dict:
     }
 
 
-def _walk(model, adapter, layers, specs, chunks, config, device, total_params, timings):
+def _walk(model, adapter, layers, specs, chunks, config, device, total_params, timings,
+          state=None, expected=None):
     from tqdm.auto import tqdm
 
     from slimllm import slicing
 
     n_layers = len(layers)
     hidden0, block_kwargs = _capture(model, adapter, chunks, device, timings)
+    resuming = state is not None and state.resumable
+    if resuming:
+        importance = state.importance
+    else:
+        importance, dense_out = _dense_pass(layers, hidden0, block_kwargs, config, device,
+                                            timings)
+    plan = _plan(config, specs, total_params, importance)
 
-    # ---- pass A: dense forward, layer importance -------------------------------------------
+    start, entries, h = 0, [], hidden0
+    if resuming:  # blocks before `start` come back from disk exactly as they were pruned
+        start, entries = state.finished, state.entries
+        with timings("resume"):
+            for i in range(start):
+                _restore_block(adapter, slicing, layers[i], entries[i], state.block(i))
+            h = [t.to(device) for t in state.hidden(start)] if start < n_layers else []
+    elif state is not None:
+        with timings("saving state"):
+            state.start(expected, importance, dense_out)
+        dense_out = None  # read back block by block
+
+    # ---- block walk -------------------------------------------------------------------------
+    del hidden0
+    bar = tqdm(range(start, n_layers), desc="prune", unit="block", initial=start,
+               total=n_layers, disable=not config.progress)
+    for i in bar:
+        layer = layers[i]
+        p = plan.layers[i]
+        spec = specs[i]
+        home = _layer_device(layer)
+        layer.to(device)
+        entry = _layer_entry(p, spec)
+        h, info = _prune_block(i, layer, adapter, slicing, p, spec, h, block_kwargs[i], config,
+                               timings)
+        entry.update(info)
+        # drift: pruned block output vs the dense model's output of the same block
+        reference = state.dense(i) if state is not None else dense_out[i]
+        total, count = 0.0, 0
+        for y, d in zip(h, reference, strict=True):
+            s, k = _mean_cos(y, d.to(y.device))
+            total, count = total + s, count + k
+        entry["cos_vs_dense_output"] = total / count
+        if state is None:
+            dense_out[i] = None
+        else:
+            with timings("saving state"):
+                state.commit(i, layer.state_dict(), entry, h if i + 1 < n_layers else None)
+        layer.to(home)
+        entries.append(entry)
+    return entries, plan
+
+
+def _dense_pass(layers, hidden0, block_kwargs, config, device, timings):
+    """Pass A: every block once on the dense hidden states. Returns ``(importance,
+    dense_out)``: s_i = mean over tokens of cos(h_in, h_out) (DESIGN.md section 5) and, per
+    block and chunk, its dense outputs (bfloat16, CPU) for the report's drift field."""
+    from tqdm.auto import tqdm
+
+    n_layers = len(layers)
     importance = []
-    dense_out: list = []  # per layer, per chunk: dense block outputs (bf16, CPU) for drift
+    dense_out: list = []
     h = hidden0
     for i in tqdm(range(n_layers), desc="importance", unit="block", disable=not config.progress):
         layer = layers[i]
@@ -562,44 +645,35 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         importance.append(total / count)
         layer.to(home)
         h = outs
-    del h
+    return importance, dense_out
 
-    # ---- per-layer plan ---------------------------------------------------------------------
+
+def _plan(config, specs, total_params, importance):
+    """The per-layer plan (``slimllm.ratios``, DESIGN.md section 5) from the importances."""
     if config.layer_ratios is not None:
-        plan = plan_from_layer_ratios(
+        return plan_from_layer_ratios(
             config.layer_ratios, specs, total_params, importance, config.head_mode,
             config.channel_multiple, config.recovery,
         )
-    else:
-        plan = plan_for_target(
-            config.ratio, importance, specs, total_params, config.pruned_layers, config.alpha,
-            config.head_mode, config.channel_multiple, config.recovery,
-        )
+    return plan_for_target(
+        config.ratio, importance, specs, total_params, config.pruned_layers, config.alpha,
+        config.head_mode, config.channel_multiple, config.recovery,
+    )
 
-    # ---- block walk -------------------------------------------------------------------------
-    entries = []
-    h = hidden0
-    bar = tqdm(range(n_layers), desc="prune", unit="block", disable=not config.progress)
-    for i in bar:
-        layer = layers[i]
-        p = plan.layers[i]
-        spec = specs[i]
-        home = _layer_device(layer)
-        layer.to(device)
-        entry = _layer_entry(p, spec)
-        h, info = _prune_block(i, layer, adapter, slicing, p, spec, h, block_kwargs[i], config,
-                               timings)
-        entry.update(info)
-        # drift: pruned block output vs the dense model's output of the same block
-        total, count = 0.0, 0
-        for y, d in zip(h, dense_out[i]):
-            s, k = _mean_cos(y, d.to(y.device))
-            total, count = total + s, count + k
-        entry["cos_vs_dense_output"] = total / count
-        dense_out[i] = None
-        layer.to(home)
-        entries.append(entry)
-    return entries, plan
+
+def _restore_block(adapter, slicing, layer, entry, tensors):
+    """Give dense block ``layer`` the shapes its report ``entry`` records and the exact
+    tensors of its pruned state dict (resume)."""
+    if entry["heads_removed"]:
+        slicing.keep_heads(adapter, layer, entry["kept_heads"],
+                           entry["kept_kv_heads"] if entry["kv_heads_removed"] else None)
+    if entry["channels_removed"]:
+        slicing.keep_channels(adapter, layer, entry["kept_channels"])
+    for name, module in layer.named_modules():
+        bias = tensors.get(f"{name}.bias")
+        if isinstance(module, torch.nn.Linear) and module.bias is None and bias is not None:
+            slicing.set_linear(module, bias=bias)
+    layer.load_state_dict(tensors, strict=True)
 
 
 def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):

@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--output", required=True,
                     help="output folder (must not exist or be empty); written to a temporary "
                          "folder and renamed when complete")
+    io.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run of the same command after its last "
+                         "finished block, with identical results; while a run is in progress "
+                         "its state is kept in OUTPUT.partial/ (removed once OUTPUT is saved). "
+                         "Without a state there, the run starts afresh")
     io.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the weights while pruning and of the saved model")
     io.add_argument("--device", default=d["device"].default,
@@ -147,6 +152,12 @@ def run(args: argparse.Namespace) -> int:
     output = Path(os.path.expanduser(args.output))
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise CheckpointError(f"output folder {output} already exists and is not empty; refusing to overwrite")
+    state_dir = output.with_name(output.name + ".partial")
+    if state_dir.exists() and not args.resume:
+        raise CheckpointError(
+            f"{state_dir} holds the state of an interrupted run: add --resume to continue it, "
+            f"or delete it to start over"
+        )
     sources = [s for s in (args.calib, args.calib_file, args.calib_dataset) if s is not None]
     if len(sources) > 1:
         raise CalibrationError(
@@ -158,8 +169,11 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.seq_len < 1:
         raise CalibrationError("--num-samples and --seq-len must be positive")
 
-    from slimllm.checkpoint import load_model, save_pruned
+    from slimllm.checkpoint import load_model, remove_interrupted_saves, save_pruned
     from slimllm.pipeline import prune_model
+    from slimllm.resume import PruneState
+
+    PruneState.open(state_dir)  # not a state folder: fail before loading the model
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
@@ -191,14 +205,17 @@ def run(args: argparse.Namespace) -> int:
         )
     t_calib = time.perf_counter() - t0
 
-    model, report = prune_model(model, tokenizer, calib, config)
+    model, report = prune_model(model, tokenizer, calib, config, state_dir=state_dir)
     report["model"] = str(args.model)
     report["dtype"] = args.dtype
     report["timings"]["loading"] = round(t_load, 6)
     report["timings"]["calibration_data"] = round(t_calib, 6)
 
     t0 = time.perf_counter()
+    if args.resume:
+        remove_interrupted_saves(output)
     save_pruned(model, tokenizer, output, report)
+    PruneState.open(state_dir).remove()
     t_save = time.perf_counter() - t0
     report["timings"]["saving"] = round(t_save, 6)
     _rewrite_report(output, report)
@@ -209,9 +226,10 @@ def run(args: argparse.Namespace) -> int:
         f"of {params['before']:,} parameters: achieved ratio {params['achieved_ratio']:.4%} "
         f"(target {config.ratio if config.ratio is not None else 'per-layer'})"
     )
+    resumed = report.get("resumed_from_block")
     print(
-        f"pruned in {report['timings']['total']:.1f} s (load {t_load:.1f} s, save {t_save:.1f} s); "
-        f"saved to {output}"
+        f"pruned in {report['timings']['total']:.1f} s (load {t_load:.1f} s, save {t_save:.1f} s"
+        f"{'' if resumed is None else f'; resumed after block {resumed}'}); saved to {output}"
     )
     return 0
 
