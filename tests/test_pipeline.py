@@ -351,6 +351,100 @@ def test_nan_activations_are_caught_before_any_change(make_tiny_model):
     assert _unchanged(model, state)
 
 
+def _half_model_with_large_activations(make_tiny_model, v_scale=2000.0):
+    """A 1-layer float16 Llama whose o_proj inputs (|x| up to ~900) and down_proj inputs (up to
+    ~8000) are finite in float16 but whose squares are not (> 65504)."""
+    model = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=1)
+    with torch.no_grad():
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        attn.v_proj.weight.mul_(v_scale)
+        mlp.gate_proj.weight.mul_(30.0)
+        mlp.up_proj.weight.mul_(2000.0)
+    return model.half()
+
+
+def _activations(model, ids):
+    """float16 o_proj input, MLP input, down_proj input and output of layer 0 (tokens, dim)."""
+    layer = model.model.layers[0]
+    seen = {}
+
+    def keep(name, tensor):
+        seen[name] = tensor.detach().reshape(-1, tensor.shape[-1])
+
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: keep("o_in", a[0])),
+        layer.mlp.register_forward_pre_hook(lambda _m, a: keep("x_in", a[0])),
+        layer.mlp.down_proj.register_forward_pre_hook(lambda _m, a: keep("act", a[0])),
+        layer.mlp.down_proj.register_forward_hook(lambda _m, _a, out: keep("y", out)),
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_float16_activations_whose_squares_overflow_stay_exact_in_float64(make_tiny_model):
+    """Issue 4 item 3: statistics of float16 activations are accumulated in float64, so a
+    float16 model whose activations square past float16's range prunes exactly like the
+    float64 brute force on the same float16 activations (heads, o_proj fit, channels)."""
+    import bruteforce as bf
+
+    dense = _half_model_with_large_activations(make_tiny_model)
+    ids = _ids(dense.config.vocab_size, n=4, length=32)
+    acts = _activations(dense, ids)
+    for name in ("o_in", "act"):  # the premise: finite in float16, squares are not
+        x = acts[name]
+        assert x.dtype == torch.float16 and torch.isfinite(x).all()
+        assert torch.isinf(x * x).any() and torch.isinf((x * x).sum(0)).any()
+
+    config = PruneConfig(layer_ratios=[0.5], batch_size=4, progress=False)
+    model, report = prune_model(copy.deepcopy(dense), None, ids, config)
+    entry = report["layers"][0]
+    assert entry["heads_removed"] == 2 and entry["channels_removed"] == 48
+    assert np.isfinite([entry["head_objective"], entry["layer_cosine"]]).all()
+
+    # heads and the affine o_proj fit: brute force on the dense float16 o_proj inputs
+    o_proj = dense.model.layers[0].self_attn.o_proj
+    x = acts["o_in"].double().numpy()
+    w_o = o_proj.weight.detach().double().numpy()
+    sel, _ = bf.select_heads(bf.head_outputs(x, w_o, 4), 2, 2, "uniform", greedy=True)
+    assert entry["kept_heads"] == sel.kept
+    cols = [c for a in sel.kept for c in range(a * 16, (a + 1) * 16)]
+    scale, bias = bf.affine_fit(x[:, cols] @ w_o[:, cols].T, x @ w_o.T)
+    got_o = model.model.layers[0].self_attn.o_proj
+    torch.testing.assert_close(got_o.weight, torch.from_numpy(w_o[:, cols] * scale[:, None]).half(),
+                               rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(got_o.bias.double(), torch.from_numpy(bias),
+                               rtol=1e-2, atol=1e-2 * float(np.abs(bias).max()))
+
+    # channels: brute force on the MLP activations seen with the pruned attention
+    probe = copy.deepcopy(dense)
+    probe.model.layers[0].self_attn = copy.deepcopy(model.model.layers[0].self_attn)
+    acts = _activations(probe, ids)
+    mlp = dense.model.layers[0].mlp
+    m = bf.Mlp(*(acts[k].double().numpy() for k in ("x_in", "act", "y")),
+               *(lin.weight.detach().double().numpy()
+                 for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+    pruned = bf.select_channels(sum(bf.channel_scores(m)), 48, 0.01)
+    assert entry["kept_channels"] == sorted(set(range(96)) - set(pruned.tolist()))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_float16_activations_that_overflow_are_caught_before_any_change(make_tiny_model):
+    """Activations past float16's range (inf in the forward itself) are a NonFiniteError
+    naming the layer, raised in the dense pass: no weight changes."""
+    model = _half_model_with_large_activations(make_tiny_model, v_scale=3e5)
+    state = _state(model)
+    with pytest.raises(NonFiniteError, match="layer 0: non-finite values"):
+        prune_model(model, None, _ids(model.config.vocab_size, n=4, length=32),
+                    PruneConfig(ratio=0.2, progress=False))
+    assert _unchanged(model, state)
+
+
 def test_bad_calibration_batches(make_tiny_model):
     model = make_tiny_model("llama")
     cfg = PruneConfig(ratio=0.2, progress=False)
