@@ -543,6 +543,12 @@ def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_toke
     probe = _ids(dense.config.vocab_size, n=2, seed=11)
     torch.testing.assert_close(_logits(load_pruned(out), probe), _logits(model, probe),
                                rtol=1e-5, atol=1e-6)
+    explicit = _cli("--model", src, "--output", tmp_path / "explicit", "--calib", "self",
+                    "--ratio", 0.2, "--num-samples", 4, "--seq-len", 16, "--batch-size", 2,
+                    "--seed", 3, "--no-progress")
+    assert explicit.returncode == 0, explicit.stderr
+    assert torch.equal(_logits(load_pruned(tmp_path / "explicit"), probe),
+                       _logits(load_pruned(out), probe))
     both = _cli("--model", src, "--output", tmp_path / "x", "--ratio", 0.2, "--calib", "self",
                 "--calib-file", src / "config.json")
     assert both.returncode == 2 and "one calibration source" in both.stderr

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         raise CalibrationError(
             "give one calibration source: --calib self, --calib-file or --calib-dataset"
         )
-    self_calibration = not sources
+    self_calibration = not sources or args.calib == "self"
     if args.calib_file is not None:
         read_documents(args.calib_file, args.calib_text_field)  # fail before loading the model
     if args.num_samples < 1 or args.seq_len < 1:
