@@ -7,6 +7,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -145,7 +146,10 @@ def _check_per_layer(model, tokenizer, out, expected):
 
     pruned = checkpoint.load_pruned(out)
     remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    loaded, tok = checkpoint.load_model(out)
+    asked: list = []  # transformers' "run the custom code? [y/N]" prompt reads input()
+    with mock.patch("builtins.input", side_effect=lambda *a: asked.append(a) or "n"):
+        loaded, tok = checkpoint.load_model(out)
+    assert not asked  # no remote code is run, so nobody is asked about it
     for reloaded in (pruned, remote, loaded):
         assert torch.equal(_logits(reloaded), expected)
         _assert_same_weights(model, reloaded)

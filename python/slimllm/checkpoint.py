@@ -290,7 +290,9 @@ def load_model(
         check_weights(path)
         if is_pruned_config(config):
             model = load_pruned(path, dtype=torch_dtype, device=torch_device)
-            return model, _load_tokenizer(str(path), str(path))
+            # the model's config: AutoTokenizer would otherwise read config.json through
+            # AutoConfig, which asks whether to trust the folder's remote code
+            return model, _load_tokenizer(str(path), str(path), config=model.config)
         tokenizer = _load_tokenizer(str(path), str(path))
         from transformers import AutoModelForCausalLM
 
@@ -318,9 +320,10 @@ def _load_hub(repo_id: str, dtype: torch.dtype, device: torch.device) -> tuple[n
         raise CheckpointError(f"hub repository {repo_id!r} has no config.json")
     config = read_json(Path(config_file), "model config")
     check_architecture(config, repo_id)
-    tokenizer = _load_tokenizer(repo_id, repo_id)
     if is_pruned_config(config):
-        return load_pruned(repo_id, dtype=dtype, device=device), tokenizer
+        model = load_pruned(repo_id, dtype=dtype, device=device)
+        return model, _load_tokenizer(repo_id, repo_id, config=model.config)
+    tokenizer = _load_tokenizer(repo_id, repo_id)
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, repo_id, repo_id, dtype=dtype)
@@ -360,7 +363,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn
         get_adapter(config)
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{path}: {exc}") from None
-    tokenizer = _load_tokenizer(folder, str(path), gguf_file=name)
+    tokenizer = _load_tokenizer(folder, str(path), gguf_file=name, config=config)
     kwargs: dict[str, Any] = {}
     try:  # transformers >= 5.x can keep GGUF blocks packed; slimllm needs dense weights
         from transformers import GgufConfig
