@@ -4,7 +4,8 @@ at 20% and 50% of ALL parameters, one calibration set (C4, 32 x 128 tokens, seed
 Rows (every pruned model is a real smaller model, measured at its achieved parameter fraction):
 
 - ``dense``;
-- ``slimllm affine`` (paper default) and ``slimllm ridge`` (recovery ``ridge``);
+- ``slimllm affine`` (paper default), ``slimllm ridge`` and ``slimllm ridge-delta`` (the
+  other recovery modes, at their default damping);
 - ablations of ``slimllm affine`` through ``PruneConfig``: ``no greedy`` (``greedy=False``),
   ``recovery none``, ``protect_lowest 0``, ``uniform ratios`` (``alpha=0``: the softmax
   allocation gives every layer the same ratio R, still searched to the same target);
@@ -46,6 +47,7 @@ import baselines  # noqa: E402  (bench-only module next to this file)
 SLIMLLM_VARIANTS: dict[str, dict] = {
     "slimllm affine": {},
     "slimllm ridge": {"recovery": "ridge"},
+    "slimllm ridge-delta": {"recovery": "ridge-delta"},
     "abl: no greedy": {"greedy": False},
     "abl: recovery none": {"recovery": "none"},
     "abl: protect_lowest 0": {"protect_lowest": 0.0},
@@ -58,6 +60,7 @@ SHORT = {
     "dense": "dense",
     "affine": "slimllm affine",
     "ridge": "slimllm ridge",
+    "ridge-delta": "slimllm ridge-delta",
     "no-greedy": "abl: no greedy",
     "no-recovery": "abl: recovery none",
     "protect0": "abl: protect_lowest 0",

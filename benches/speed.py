@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M GGUF)")
     p.add_argument("--out", default="bench-out", help="output folder")
     p.add_argument("--ratios", default="0.2,0.5")
-    p.add_argument("--recovery", default="affine", choices=["affine", "ridge", "none"])
+    p.add_argument("--recovery", default="affine", choices=["affine", "ridge", "ridge-delta", "none"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--calib", default=None, help="calibration .jsonl (default: DATA/c4/c4_sample.jsonl)")
     p.add_argument("--num-samples", type=int, default=32)
@@ -311,7 +311,6 @@ def main(argv=None) -> int:
 
     # ---- inference speed
     dense, _ = load_model(reload_src)
-    # load_pruned: the model only (load_model's tokenizer step asks about remote code)
     models = [dense] + [load_pruned(str(saved[r])) for r in ratios]
     labels = ["dense"] + [f"slimllm {a.recovery} {r:.0%}" for r in ratios]
     speed = compare_speed(models, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
