@@ -35,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = PruneConfig.__dataclass_fields__
     parser.epilog = EPILOG
-    parser.formatter_class = _Formatter
 
     io = parser.add_argument_group("model and output")
     io.add_argument("--model", required=True,
@@ -118,10 +117,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no tqdm progress bars")
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
 
 
 def run(args: argparse.Namespace) -> int:
