@@ -306,6 +306,7 @@ def test_sigkilled_cli_run_resumes_to_identical_output(cli_setup, tmp_path, kill
 
     again = _prune_cli([*args, "--output", out])
     assert again.returncode == 2 and "add --resume" in again.stderr
+    assert "pruned.partial holds the state of an interrupted run" in again.stderr
     resumed = _prune_cli([*args, "--output", out, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     if finished is not None:
@@ -321,6 +322,41 @@ def test_sigkilled_cli_run_resumes_to_identical_output(cli_setup, tmp_path, kill
     report = json.loads((out / "slimllm_report.json").read_text())
     want_report = json.loads((root / "reference" / "slimllm_report.json").read_text())
     _same_report_layers(report, want_report)
+
+
+def test_cli_failure_mid_model_keeps_the_state_and_says_so(cli_setup, tmp_path):
+    """A run that fails after some blocks (here a core error injected in block 2) keeps
+    its finished blocks and tells how to continue."""
+    root, args = cli_setup
+    script = textwrap.dedent(
+        """
+        import sys
+        from slimllm import _core
+        from slimllm.errors import NonFiniteError
+        select, calls = _core.select_channels, []
+        def failing(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise NonFiniteError("injected")
+            return select(*a, **k)
+        _core.select_channels = failing
+        from slimllm.cli import main
+        sys.exit(main(["prune", *sys.argv[1:]]))
+        """
+    )
+    out = tmp_path / "pruned"
+    run = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "NonFiniteError: layer 2" in run.stderr and "injected" in run.stderr
+    assert f"finished blocks are kept in {tmp_path / 'pruned.partial'}" in run.stderr
+    assert json.loads((tmp_path / "pruned.partial" / STATE_NAME).read_text())["finished"] == 2
+    assert not out.exists()
 
 
 def test_cli_resume_without_state_starts_afresh(cli_setup, tmp_path):

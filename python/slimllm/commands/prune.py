@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate everything cheap first (config, output folder, calibration file), then load,
     calibrate, prune, save; prints the achieved fraction. Errors are SlimLLMError subclasses."""
     import os
+    import sys
     from pathlib import Path
 
     from slimllm.calibration import load_calibration, read_documents, self_generated
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     from slimllm.checkpoint import load_model, remove_interrupted_saves, save_pruned
     from slimllm.pipeline import prune_model
-    from slimllm.resume import PruneState
+    from slimllm.resume import STATE_NAME, PruneState
 
     PruneState.open(state_dir)  # not a state folder: fail before loading the model
 
@@ -200,7 +201,13 @@ def run(args: argparse.Namespace) -> int:
         )
     t_calib = time.perf_counter() - t0
 
-    model, report = prune_model(model, tokenizer, calib, config, state_dir=state_dir)
+    try:
+        model, report = prune_model(model, tokenizer, calib, config, state_dir=state_dir)
+    except (Exception, KeyboardInterrupt):
+        if (state_dir / STATE_NAME).is_file():
+            print(f"slimllm prune: the finished blocks are kept in {state_dir}; rerun the same "
+                  f"command with --resume to continue", file=sys.stderr)
+        raise
     report["model"] = str(args.model)
     report["dtype"] = args.dtype
     report["timings"]["loading"] = round(t_load, 6)
