@@ -4,7 +4,9 @@
 later call with the same folder, the same (dense) model, calibration set and settings
 continues after the last finished block instead of starting over. The resumed run computes
 exactly what the uninterrupted one would have: the inputs of the next block, the pruned blocks
-and the dense reference outputs are stored bit for bit, so its tensors are identical.
+and the dense reference outputs are stored bit for bit, so its tensors are identical (on the
+same kind of device and thread count: ``device`` and ``progress`` are the settings a resumed
+run may change, and floating-point kernels of another device round differently).
 
 Layout of a state folder::
 
