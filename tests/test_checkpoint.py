@@ -260,13 +260,27 @@ def test_existing_non_empty_output_is_refused(make_tiny_model, tiny_tokenizer, t
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(CheckpointError, match="not empty"):
+    with pytest.raises(CheckpointError, match="is a folder that is not empty"):
         checkpoint.save_pruned(make_tiny_model("llama"), tiny_tokenizer, out, {})
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="is not a folder"):
         checkpoint.save_pruned(make_tiny_model("llama"), tiny_tokenizer, tmp_path / "file", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
+
+
+def test_saved_files_get_the_usual_permissions(make_tiny_model, tiny_tokenizer, tmp_path):
+    """The output is readable like any folder the user makes (0o755 / 0o644 under umask 022),
+    although it was written to a private temporary folder."""
+    old = os.umask(0o022)
+    try:
+        out = checkpoint.save_pruned(_prune(make_tiny_model("llama"), uniform=False),
+                                     tiny_tokenizer, tmp_path / "out", {})
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_unserialisable_report_is_refused_before_writing(make_tiny_model, tiny_tokenizer, tmp_path):

@@ -467,6 +467,7 @@ def test_cli_default_is_wikitext_and_ptb(fake_load, data_dir, tmp_path):
         (["--json", "/nonexistent/dir/x.json"], "does not exist"),
         (["--compare", "/nonexistent/dense"], "CheckpointError"),
         (["--threads", "0"], "threads"),
+        (["--ppl", "none"], "nothing to measure"),
     ],
 )
 def test_cli_bad_input(fake_load, data_dir, argv, message, capsys):

@@ -310,7 +310,7 @@ def test_sigkilled_cli_run_resumes_to_identical_output(cli_setup, tmp_path, kill
     resumed = _prune_cli([*args, "--output", out, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     if finished is not None:
-        assert f"resumed after block {finished}" in resumed.stdout
+        assert f"resumed at block {finished}: blocks 0-{finished - 1} came from" in resumed.stdout
     assert not state_dir.exists()
     assert not list(tmp_path.glob(".pruned.slimllm-tmp-*"))
 
@@ -322,6 +322,20 @@ def test_sigkilled_cli_run_resumes_to_identical_output(cli_setup, tmp_path, kill
     report = json.loads((out / "slimllm_report.json").read_text())
     want_report = json.loads((root / "reference" / "slimllm_report.json").read_text())
     _same_report_layers(report, want_report)
+
+
+def test_cli_resume_with_other_settings_is_refused_before_loading(cli_setup, tmp_path):
+    root, args = cli_setup
+    out = tmp_path / "pruned"
+    assert _prune_cli([*args, "--output", out], killer=("after-commit", "1")).returncode < 0
+    before = (tmp_path / "pruned.partial" / STATE_NAME).read_bytes()
+    # the model path is made unreadable: the refusal must come before the model is loaded
+    moved = [a if a != root / "dense" else tmp_path / "gone" for a in args]
+    run = _prune_cli([*moved, "--output", out, "--resume", "--alpha", 5])
+    assert run.returncode == 2
+    assert "cannot resume" in run.stderr and "alpha (10.0 recorded, 5.0 now)" in run.stderr
+    assert "finished blocks are kept" not in run.stderr  # nothing new was kept by this run
+    assert (tmp_path / "pruned.partial" / STATE_NAME).read_bytes() == before
 
 
 def test_cli_failure_mid_model_keeps_the_state_and_says_so(cli_setup, tmp_path):

@@ -69,6 +69,7 @@ __all__ = [
     "check_weights",
     "REMOTE_CODE_NAME",
     "remove_interrupted_saves",
+    "check_output_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -611,6 +612,16 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def check_output_folder(output_dir: str | os.PathLike) -> Path:
+    """Raise CheckpointError unless ``output_dir`` is absent or an empty folder (slimllm never
+    overwrites). Returns it as an absolute path."""
+    output = Path(os.fspath(output_dir)).expanduser().absolute()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        what = "is not a folder" if not output.is_dir() else "is a folder that is not empty"
+        raise CheckpointError(f"output {output} already exists and {what}; refusing to overwrite")
+    return output
+
+
 def _temporary_prefix(output: Path) -> str:
     return f".{output.name}.slimllm-tmp-"
 
@@ -624,6 +635,17 @@ def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[Path]:
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
+
+
+def _default_permissions(folder: Path) -> None:
+    """Give ``folder`` and its files the modes a plain mkdir / open would (0o777 / 0o666
+    less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike, report: dict) -> Path:
@@ -649,9 +671,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike,
             anything is written).
         UnsupportedArchitectureError: the model family has no adapter.
     """
-    output = Path(os.fspath(output_dir)).expanduser().absolute()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise CheckpointError(f"output folder {output} already exists and is not empty; refusing to overwrite")
+    output = check_output_folder(output_dir)
     adapter = get_adapter(model)
     family = adapter.name
     hidden = model.config.hidden_size
@@ -689,7 +709,7 @@ def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike,
             handle.write(report_text + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o755)  # mkdtemp made it private
+        _default_permissions(tmp)  # mkdtemp made the folder private, the weights can be too
         os.replace(tmp, output)  # atomic; also replaces an empty output folder
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -391,7 +391,7 @@ def _import_lm_eval():
     except ImportError as err:
         raise ConfigError(
             "zero-shot evaluation needs lm-eval: pip install 'lm-eval>=0.4.8,<0.5' "
-            f"(or slimllm[eval]); import failed: {err}"
+            f"(the 'eval' extra of slimllm); import failed: {err}"
         ) from err
     return TaskManager
 

@@ -835,7 +835,7 @@ def check_plot_path(path: str | os.PathLike) -> Path:
 
     Raises:
         ConfigError: wrong suffix, missing folder, or matplotlib not installed (the message
-            names it and the ``slimllm[plot]`` extra).
+            names it and the ``plot`` extra).
     """
     target = Path(os.fspath(path)).expanduser()
     if target.suffix.lower() != ".png":
@@ -847,7 +847,7 @@ def check_plot_path(path: str | os.PathLike) -> Path:
     except ImportError as exc:
         raise ConfigError(
             "--plot needs matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install 'slimllm[plot]')"
+            "(the 'plot' extra of slimllm)"
         ) from exc
     return target
 

@@ -78,13 +78,16 @@ def fingerprint(model: torch.nn.Module, chunks: Sequence[torch.Tensor], config: 
         weights.update(name.encode())
         _tensor_digest(weights, param, sample=True)
         count += param.numel()
-    settings = {k: v for k, v in config.items() if k not in _UNFINGERPRINTED}
     return {
-        "config": settings,
+        "config": _settings(config),
         "calibration": calib.hexdigest(),
         "model": weights.hexdigest(),
         "parameters": count,
     }
+
+
+def _settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _UNFINGERPRINTED}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,22 +170,18 @@ class PruneState:
 
     def check(self, expected: dict) -> None:
         """Raise ConfigError naming what differs between the recorded fingerprint and
-        ``expected`` (see :func:`fingerprint`)."""
+        ``expected`` (see :func:`fingerprint`; only the parts ``expected`` has are compared,
+        so ``{"config": PruneConfig.to_dict()}`` checks the settings alone, before a model is
+        loaded)."""
         recorded = self.manifest.get("fingerprint", {})
-        diff = []
-        for key in ("model", "parameters", "calibration"):
-            if recorded.get(key) != expected.get(key):
-                diff.append(
-                    {
-                        "model": "model weights",
-                        "parameters": "parameter count",
-                        "calibration": "calibration token ids",
-                    }[key]
-                )
-        old_cfg, new_cfg = recorded.get("config", {}), expected.get("config", {})
-        for key in sorted(set(old_cfg) | set(new_cfg)):
-            if old_cfg.get(key) != new_cfg.get(key):
-                diff.append(f"{key} ({old_cfg.get(key)!r} recorded, {new_cfg.get(key)!r} now)")
+        names = {"model": "model weights", "parameters": "parameter count",
+                 "calibration": "calibration token ids"}
+        diff = [names[k] for k in names if k in expected and recorded.get(k) != expected[k]]
+        if "config" in expected:
+            old_cfg, new_cfg = recorded.get("config", {}), _settings(expected["config"])
+            for key in sorted(set(old_cfg) | set(new_cfg)):
+                if old_cfg.get(key) != new_cfg.get(key):
+                    diff.append(f"{key} ({old_cfg.get(key)!r} recorded, {new_cfg.get(key)!r} now)")
         if diff:
             raise ConfigError(
                 f"cannot resume from {self.path}: the interrupted run differs in "

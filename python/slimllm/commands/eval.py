@@ -145,6 +145,8 @@ def _validate(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         parent = Path(args.json).expanduser().resolve().parent
         if not parent.is_dir():
             raise ConfigError(f"--json {args.json}: folder {parent} does not exist")
+    if not (texts or args.ppl_file or tasks or args.speed or args.compare):
+        raise ConfigError("nothing to measure: --ppl none and no --ppl-file, --tasks or --speed")
     return texts, tasks
 
 

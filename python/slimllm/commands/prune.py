@@ -7,7 +7,7 @@ import argparse
 import time
 
 EPILOG = """\
-ratio allocation (DESIGN.md section 5): the K blocks whose dense output is most similar to
+ratio allocation (SlimLLM's layer-based ratios): the K blocks whose dense output is most similar to
 their input (mean cos(h_in, h_out) over the calibration tokens) are pruned with
 r_i = R * K * softmax(alpha * s)_i; R is searched so that exactly --ratio of ALL parameters
 (embeddings and lm_head included) is removed, counting the biases the recovery adds.
@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="explicit per-layer ratios instead of --ratio (one per layer, no "
                              "allocation and no clamping)")
     target.add_argument("--pruned-layers", type=int, default=None, metavar="K",
-                        help="prune only the K blocks of highest importance (default: all blocks)")
+                        help="prune only the K blocks whose dense output is most similar to their "
+                         "input (highest importance s_i; default: all blocks)")
     target.add_argument("--alpha", type=float, default=d["alpha"].default,
                         help="softmax temperature of the per-layer ratio allocation")
     target.add_argument("--channel-multiple", type=int, default=d["channel_multiple"].default,
@@ -115,8 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--batch-size", type=int, default=d["batch_size"].default,
                        help="calibration sequences per forward chunk")
 
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no tqdm progress bars")
+                        help="no progress bars (slimllm's and transformers')")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from slimllm.calibration import load_calibration, read_documents, self_generated
-    from slimllm.errors import CalibrationError, CheckpointError
+    from slimllm.checkpoint import check_output_folder
+    from slimllm.errors import CalibrationError, CheckpointError, ConfigError
     from slimllm.pipeline import PruneConfig
 
     config = PruneConfig(
@@ -145,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=args.progress,
     )
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     output = Path(os.path.expanduser(args.output))
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise CheckpointError(f"output folder {output} already exists and is not empty; refusing to overwrite")
+    check_output_folder(output)
     state_dir = output.with_name(output.name + ".partial")
     if state_dir.exists() and not args.resume:
         raise CheckpointError(
@@ -169,7 +174,17 @@ def run(args: argparse.Namespace) -> int:
     from slimllm.pipeline import prune_model
     from slimllm.resume import STATE_NAME, PruneState
 
-    PruneState.open(state_dir)  # not a state folder: fail before loading the model
+    state = PruneState.open(state_dir)  # not a state folder: fail before loading the model
+    if state.resumable:  # other settings: refuse now; model and calibration after loading
+        state.check({"config": config.to_dict()})
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
@@ -201,10 +216,12 @@ def run(args: argparse.Namespace) -> int:
         )
     t_calib = time.perf_counter() - t0
 
+    manifest = state_dir / STATE_NAME
+    recorded = manifest.stat().st_mtime_ns if manifest.is_file() else None
     try:
         model, report = prune_model(model, tokenizer, calib, config, state_dir=state_dir)
     except (Exception, KeyboardInterrupt):
-        if (state_dir / STATE_NAME).is_file():
+        if manifest.is_file() and manifest.stat().st_mtime_ns != recorded:  # progress was kept
             print(f"slimllm prune: the finished blocks are kept in {state_dir}; rerun the same "
                   f"command with --resume to continue", file=sys.stderr)
         raise
@@ -223,15 +240,18 @@ def run(args: argparse.Namespace) -> int:
     _rewrite_report(output, report)
 
     params = report["parameters"]
+    after = params.get("counted_after", params["after"])
+    target = "per-layer ratios" if config.ratio is None else f"target {config.ratio:.2%}"
     print(
-        f"removed {params['before'] - params['counted_after' if 'counted_after' in params else 'after']:,} "
-        f"of {params['before']:,} parameters: achieved ratio {params['achieved_ratio']:.4%} "
-        f"(target {config.ratio if config.ratio is not None else 'per-layer'})"
+        f"removed {params['before'] - after:,} of {params['before']:,} parameters: achieved "
+        f"ratio {params['achieved_ratio']:.4%} ({target})"
     )
     resumed = report.get("resumed_from_block")
+    if resumed is not None:
+        print(f"resumed at block {resumed}: blocks 0-{resumed - 1} came from {state_dir}")
     print(
-        f"pruned in {report['timings']['total']:.1f} s (load {t_load:.1f} s, save {t_save:.1f} s"
-        f"{'' if resumed is None else f'; resumed after block {resumed}'}); saved to {output}"
+        f"load {t_load:.1f} s, calibration data {t_calib:.1f} s, prune "
+        f"{report['timings']['total']:.1f} s, save {t_save:.1f} s; saved to {output}"
     )
     return 0
 
