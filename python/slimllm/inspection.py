@@ -800,14 +800,17 @@ def _format_report(info: ModelInfo) -> list[str]:
                     _float(e["cos_vs_dense_output"]),
                 ]
             )
-        lines += ["  per layer (importance: dense mean cos(h_in, h_out); cos: after pruning):"]
+        lines += [
+            "  per layer (importance: dense mean cos(h_in, h_out); r_i: allocated ratio, before "
+            "rounding to whole heads and channels; cos: after pruning):"
+        ]
         lines += [
             "  " + line
             for line in _table(
                 [
                     "layer",
                     "importance",
-                    "ratio",
+                    "r_i",
                     "heads",
                     "kv",
                     "channels",
