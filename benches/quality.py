@@ -202,6 +202,25 @@ def markdown(results: list[dict], args, meta: dict) -> str:
                 s=fmt(r.get("prune_seconds"), ".1f") if r["method"] != "dense" else "-",
             )
         )
+    scored = [r for r in results if (r.get("zero_shot") or {}).get("tasks")]
+    if scored:
+        tasks = list(scored[0]["zero_shot"]["tasks"])
+        lines += [
+            "",
+            "Zero-shot accuracy per task (acc / acc_norm where the task has it, %):",
+            "",
+            "| target | method | " + " | ".join(tasks) + " |",
+            "| --- | --- |" + " ---: |" * len(tasks),
+        ]
+        for r in scored:
+            cells = []
+            for t in tasks:
+                v = r["zero_shot"]["tasks"].get(t) or {}
+                norm = v.get("acc_norm")
+                cells.append(fmt(v.get("acc"), ".1f", 100)
+                             + ("" if norm is None else " / " + fmt(norm, ".1f", 100)))
+            target = "-" if r["target"] == 0 else f"{r['target']:.0%}"
+            lines.append(f"| {target} | {r['method']} | " + " | ".join(cells) + " |")
     lines += ["", f"Torch-Pruning: {meta['torch_pruning']}"]
     return "\n".join(lines)
 
