@@ -284,10 +284,18 @@ def cli_setup(tmp_path_factory, make_tiny_model, tiny_tokenizer):
         (("after-commit", "1"), 2),
         (("at-file", "hidden-0003.safetensors"), 2),  # block 2 written, not yet committed
         (("at-file", "dense-0001.safetensors"), None),  # still setting up: nothing to resume
+        (("at-file", "block-0000.safetensors"), 0),  # set up, block 0 not yet committed
         (("after-commit", "3"), 4),  # every block done, killed before saving
         (("in-save", "-"), 4),  # killed while writing the output's temporary folder
     ],
-    ids=["after-block-1", "mid-block-2", "during-setup", "before-save", "during-save"],
+    ids=[
+        "after-block-1",
+        "mid-block-2",
+        "during-setup",
+        "mid-block-0",
+        "before-save",
+        "during-save",
+    ],
 )
 def test_sigkilled_cli_run_resumes_to_identical_output(cli_setup, tmp_path, killer, finished):
     root, args = cli_setup
@@ -310,7 +318,8 @@ def test_sigkilled_cli_run_resumes_to_identical_output(cli_setup, tmp_path, kill
     resumed = _prune_cli([*args, "--output", out, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     if finished is not None:
-        assert f"resumed at block {finished}: blocks 0-{finished - 1} came from" in resumed.stdout
+        restored = f"blocks 0-{finished - 1}" if finished else "the dense pass"
+        assert f"resumed at block {finished}: {restored} came from" in resumed.stdout
     assert not state_dir.exists()
     assert not list(tmp_path.glob(".pruned.slimllm-tmp-*"))
 

@@ -576,7 +576,8 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         with timings("resume"):
             for i in range(start):
                 _restore_block(adapter, slicing, layers[i], entries[i], state.block(i))
-            h = [t.to(device) for t in state.hidden(start)] if start < n_layers else []
+            if 0 < start < n_layers:  # block 0's inputs are the captured embeddings
+                h = [t.to(device) for t in state.hidden(start)]
     elif state is not None:
         with timings("saving state"):
             state.start(expected, importance, dense_out)

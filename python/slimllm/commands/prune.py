@@ -62,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="explicit per-layer ratios instead of --ratio (one per layer, no "
                              "allocation and no clamping)")
     target.add_argument("--pruned-layers", type=int, default=None, metavar="K",
-                        help="prune only the K blocks whose dense output is most similar to their "
-                         "input (highest importance s_i; default: all blocks)")
+                        help="prune only the K blocks whose dense output is most similar to "
+                             "their input (highest importance s_i; default: all blocks)")
     target.add_argument("--alpha", type=float, default=d["alpha"].default,
                         help="softmax temperature of the per-layer ratio allocation")
     target.add_argument("--channel-multiple", type=int, default=d["channel_multiple"].default,
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         remove_interrupted_saves(output)
     save_pruned(model, tokenizer, output, report)
-    PruneState.open(state_dir).remove()
+    state.remove()
     t_save = time.perf_counter() - t0
     report["timings"]["saving"] = round(t_save, 6)
     _rewrite_report(output, report)
@@ -248,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
     )
     resumed = report.get("resumed_from_block")
     if resumed is not None:
-        print(f"resumed at block {resumed}: blocks 0-{resumed - 1} came from {state_dir}")
+        restored = f"blocks 0-{resumed - 1}" if resumed else "the dense pass"
+        print(f"resumed at block {resumed}: {restored} came from {state_dir}")
     print(
         f"load {t_load:.1f} s, calibration data {t_calib:.1f} s, prune "
         f"{report['timings']['total']:.1f} s, save {t_save:.1f} s; saved to {output}"
