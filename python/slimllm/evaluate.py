@@ -346,9 +346,15 @@ def evaluate_perplexity(
 
 
 class _DropNoise(logging.Filter):
-    """Hide lm-eval's per-task hints that do not apply to the local configs."""
+    """Hide lm-eval's hints that do not apply here: per-task ones about the local configs, and
+    the notice that an in-memory model is used single-process (as it always is here)."""
 
-    _NOISE = ("Custom kwargs can be passed", "is not of type `str`", "is defined, but")
+    _NOISE = (
+        "Custom kwargs can be passed",
+        "is not of type `str`",
+        "is defined, but",
+        "Passed an already-initialized model",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
@@ -498,8 +504,11 @@ def zero_shot(
     with _quiet_lm_eval():
         tm = _task_manager(task_source, data_dir)
         # lm-eval sets a pad token on the tokenizer it is given: hand it a copy.
+        # backend: every model slimllm loads is a causal LM; without it lm-eval guesses from
+        # the config and warns about the per-layer pruned model type
         lm = HFLM(
             pretrained=model,
+            backend="causal",
             tokenizer=copy.deepcopy(tokenizer),
             batch_size=batch_size,
             max_length=max_length,
