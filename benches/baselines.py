@@ -3,8 +3,8 @@
 Every baseline removes the same kind of structures as slimllm -- query heads (the same number
 from every KV group, transformers' GQA constraint) and SwiGLU MLP channels -- with the same
 per-layer counts slimllm would use for *uniform* per-layer ratios
-(:func:`slimllm.ratios.plan_for_target` with equal layer importances), and applies them with
-:mod:`slimllm.slicing` so the result is a real, smaller model. Only the ranking differs:
+(:func:`slimllm.pruning.ratios.plan_for_target` with equal layer importances), and applies them with
+:mod:`slimllm.pruning.slicing` so the result is a real, smaller model. Only the ranking differs:
 
 ``magnitude`` (magnitude-sp)
     head a: L2 norm of its weights, ``||W_q[rows_a]||^2 + ||W_o[:, cols_a]||^2`` plus the
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from slimllm import slicing
-from slimllm.adapters import get_adapter
-from slimllm.ratios import count_parameters, layer_specs, plan_for_target
+from slimllm.pruning import slicing
+from slimllm.families.adapters import get_adapter
+from slimllm.pruning.ratios import count_parameters, layer_specs, plan_for_target
 
 METHODS = ("magnitude", "wanda", "flap")
 #: methods that need calibration activations
@@ -386,9 +386,9 @@ def torch_pruning_status(timeout: float = 120.0) -> str:
 
 def main(argv=None) -> int:
     """Prune the model with one baseline and print perplexity: a quick standalone check."""
-    from slimllm.calibration import load_calibration
-    from slimllm.checkpoint import load_model
-    from slimllm.evaluate import evaluate_perplexity
+    from slimllm.pruning.calibration import load_calibration
+    from slimllm.io.checkpoint import load_model
+    from slimllm.evaluation.evaluate import evaluate_perplexity
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="HF folder, hub id or .gguf")
@@ -401,7 +401,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-windows", type=int, default=64)
     a = p.parse_args(argv)
-    from slimllm.tasks import resolve_data_dir
+    from slimllm.evaluation.tasks import resolve_data_dir
 
     model, tok = load_model(a.model)
     calib = None

@@ -85,7 +85,7 @@ def log(msg: str) -> None:
 def load_dense(source: str, cache: Path | None):
     """Load the model; a GGUF is dequantised once and cached as a HF folder under ``cache``
     (the GGUF conversion takes over a minute on 2 cores, the cached folder seconds)."""
-    from slimllm.checkpoint import load_model
+    from slimllm.io.checkpoint import load_model
 
     if cache is not None and source.endswith(".gguf"):
         stamp = cache / "SOURCE"
@@ -102,10 +102,10 @@ def load_dense(source: str, cache: Path | None):
 
 
 class Evaluator:
-    """Perplexity windows tokenized once; zero-shot through slimllm.evaluate."""
+    """Perplexity windows tokenized once; zero-shot through slimllm.evaluation.evaluate."""
 
     def __init__(self, tokenizer, args):
-        from slimllm.evaluate import PAPER_TASKS, load_ppl_text, tokenize_windows
+        from slimllm.evaluation.evaluate import PAPER_TASKS, load_ppl_text, tokenize_windows
 
         self.tok = tokenizer
         self.args = args
@@ -117,7 +117,7 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model, zero_shot_on: bool) -> dict:
-        from slimllm.evaluate import window_nll, zero_shot
+        from slimllm.evaluation.evaluate import window_nll, zero_shot
 
         out: dict = {}
         t0 = time.perf_counter()
@@ -136,7 +136,7 @@ class Evaluator:
 
 def prune_one(dense, tok, calib, stats, method: str, ratio: float, args):
     """A pruned deep copy of ``dense`` and a short report."""
-    from slimllm.pipeline import PruneConfig, prune_model
+    from slimllm.pruning.pipeline import PruneConfig, prune_model
 
     model = copy.deepcopy(dense)
     t0 = time.perf_counter()
@@ -329,8 +329,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from slimllm.calibration import load_calibration
-    from slimllm.tasks import resolve_data_dir
+    from slimllm.pruning.calibration import load_calibration
+    from slimllm.evaluation.tasks import resolve_data_dir
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

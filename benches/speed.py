@@ -11,7 +11,7 @@ inference speed of the pruned models.
    stage the pipeline is in (its ``_Timings`` stack: a private detail, see README) and
    ``/proc/self/status``; the overall peak is the kernel's exact VmHWM.
 3. Inference: prefill and greedy-decode tokens/s, dense vs every pruned model side by side
-   (``slimllm.evaluate.compare_speed``: shared prompt, interleaved timed repeats, medians), the
+   (``slimllm.evaluation.evaluate.compare_speed``: shared prompt, interleaved timed repeats, medians), the
    pruned models loaded back from their saved folders.
 
     python benches/speed.py                  # 20% and 50%, affine recovery
@@ -77,7 +77,7 @@ def reset_hwm() -> bool:
 class StageSampler:
     """Background RSS sampler attributing each sample to the pipeline stage running then.
 
-    The stage is read from the live ``slimllm.pipeline._Timings`` instances (their ``_stack``);
+    The stage is read from the live ``slimllm.pruning.pipeline._Timings`` instances (their ``_stack``);
     without that private class every sample counts as "other". ``label`` overrides it (used
     for saving, which runs outside prune_model)."""
 
@@ -89,7 +89,7 @@ class StageSampler:
         self._stop = threading.Event()
         self._patched = None
         try:
-            from slimllm import pipeline
+            from slimllm.pruning import pipeline
 
             cls = pipeline._Timings
             orig = cls.__init__
@@ -145,7 +145,7 @@ class StageSampler:
 def lower_bound(model, calib, batch_size: int) -> dict:
     """Time of the calibration forward passes alone (decoder stack, no LM head), after one
     untimed warm-up chunk."""
-    from slimllm.adapters import get_adapter
+    from slimllm.families.adapters import get_adapter
 
     base = get_adapter(model).base_model(model)
     chunks = calib.input_ids.split(batch_size)
@@ -197,11 +197,11 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from slimllm.calibration import load_calibration
-    from slimllm.checkpoint import load_model, load_pruned, save_pruned
-    from slimllm.evaluate import compare_speed
-    from slimllm.pipeline import PruneConfig, prune_model
-    from slimllm.tasks import resolve_data_dir
+    from slimllm.pruning.calibration import load_calibration
+    from slimllm.io.checkpoint import load_model, load_pruned, save_pruned
+    from slimllm.evaluation.evaluate import compare_speed
+    from slimllm.pruning.pipeline import PruneConfig, prune_model
+    from slimllm.evaluation.tasks import resolve_data_dir
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
-"""Architecture registry (slimllm.adapters): families, layer access, shapes, unsupported errors."""
+"""Architecture registry (slimllm.families.adapters): families, layer access, shapes, unsupported errors."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import TINY_ARCHS
-from slimllm.adapters import LayerShape, get_adapter, supported_architectures
+from slimllm.families.adapters import LayerShape, get_adapter, supported_architectures
 from slimllm.errors import UnsupportedArchitectureError
 
 

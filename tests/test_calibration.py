@@ -1,4 +1,4 @@
-"""Calibration sequences: sources, determinism under the seed, errors (slimllm.calibration)."""
+"""Calibration sequences: sources, determinism under the seed, errors (slimllm.pruning.calibration)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from slimllm.calibration import CalibrationSet, from_documents, load_calibration, read_documents
+from slimllm.pruning.calibration import CalibrationSet, from_documents, load_calibration, read_documents
 from slimllm.errors import CalibrationError
 
 WORDS = (
@@ -167,7 +167,7 @@ def test_hub_dataset_path(tiny_tokenizer, monkeypatch):
 
 
 def test_self_generated_is_model_sampled_and_seeded(make_tiny_model, tiny_tokenizer):
-    from slimllm.calibration import self_generated
+    from slimllm.pruning.calibration import self_generated
 
     model = make_tiny_model("llama", seed=4)
     a = self_generated(model, tiny_tokenizer, num_samples=5, seq_len=12, seed=7, batch_size=2)
@@ -192,7 +192,7 @@ def test_self_generated_is_model_sampled_and_seeded(make_tiny_model, tiny_tokeni
 
 
 def test_self_generated_rejects_bad_temperature(make_tiny_model, tiny_tokenizer):
-    from slimllm.calibration import self_generated
+    from slimllm.pruning.calibration import self_generated
 
     with pytest.raises(CalibrationError, match="temperature"):
         self_generated(make_tiny_model("llama"), tiny_tokenizer, 2, 8, temperature=0.0)

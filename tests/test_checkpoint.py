@@ -1,4 +1,4 @@
-"""Loading and atomic saving (slimllm.checkpoint): round trips with exact logits for the stock
+"""Loading and atomic saving (slimllm.io.checkpoint): round trips with exact logits for the stock
 and the per-layer (remote code) configs, recovery biases, atomicity, typed errors, GGUF."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_ARCHS
-from slimllm import checkpoint
-from slimllm.adapters import get_adapter
+from slimllm.io import checkpoint
+from slimllm.families.adapters import get_adapter
 from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
-from slimllm.slicing import keep_channels, keep_heads, set_linear
+from slimllm.pruning.slicing import keep_channels, keep_heads, set_linear
 
 IDS = torch.tensor([[5, 17, 42, 3, 99, 250, 7, 1, 64, 128, 33, 2], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12]])
 

@@ -71,8 +71,8 @@ def _load(out: Path):
 def test_reloaded_model_matches_the_pipeline(pruned_smollm2):
     from transformers import PreTrainedTokenizerFast
 
-    from slimllm.calibration import load_calibration
-    from slimllm.ratios import count_parameters
+    from slimllm.pruning.calibration import load_calibration
+    from slimllm.pruning.ratios import count_parameters
 
     out, _, calib_file = pruned_smollm2
     report = json.loads((out / "slimllm_report.json").read_text())

@@ -1,4 +1,4 @@
-"""`slimllm.evaluate`, the local lm-eval task configs and `python -m slimllm eval`.
+"""`slimllm.evaluation.evaluate`, the local lm-eval task configs and `python -m slimllm eval`.
 
 Fast: tiny random models (conftest.make_tiny_model) and the shared data folder. Perplexity and
 zero-shot accuracy are checked against independent computations written here with plain torch.
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimllm import evaluate
+from slimllm.evaluation import evaluate
 from slimllm.errors import ConfigError, SlimLLMError
-from slimllm.tasks import LOCAL_TASKS, TASKS_DIR
+from slimllm.evaluation.tasks import LOCAL_TASKS, TASKS_DIR
 
 TEXT = (
     "Pruning removes attention heads and intermediate channels of a language model. "
@@ -268,7 +268,7 @@ def test_local_configs_mirror_lm_eval(name):
     }[name]
     theirs = _normalized_config(Path(lm_eval.__file__).parent / "tasks" / own)
     ours = _normalized_config(TASKS_DIR / f"{name}.yaml")
-    assert ours["custom_dataset"] == f"slimllm.tasks.local_data.load_{name}"
+    assert ours["custom_dataset"] == f"slimllm.evaluation.tasks.local_data.load_{name}"
     for key in (
         "task", "dataset_path", "dataset_name", "output_type", "doc_to_text", "doc_to_target",
         "doc_to_choice", "process_docs", "target_delimiter", "metric_list", "metadata",
@@ -281,7 +281,7 @@ def test_local_configs_mirror_lm_eval(name):
 
 
 def test_loader_reports_missing_files(tmp_path):
-    from slimllm.tasks import local_data
+    from slimllm.evaluation.tasks import local_data
 
     for name, loader in local_data.LOADERS.items():
         with pytest.raises(ConfigError, match="not found"):
@@ -482,8 +482,8 @@ def test_cli_bad_input(fake_load, data_dir, argv, message, capsys):
 
 
 def test_cli_with_saved_model(make_tiny_model, tiny_tokenizer, tmp_path, text_file):
-    """The real loader on a save_pretrained folder (needs slimllm.checkpoint)."""
-    pytest.importorskip("slimllm.checkpoint")
+    """The real loader on a save_pretrained folder (needs slimllm.io.checkpoint)."""
+    pytest.importorskip("slimllm.io.checkpoint")
     from slimllm.cli import main
 
     model = make_tiny_model("qwen2", seed=4)

@@ -1,4 +1,4 @@
-"""`python -m slimllm inspect` and slimllm.inspection: per-layer shapes and parameter counts read
+"""`python -m slimllm inspect` and slimllm.evaluation.inspection: per-layer shapes and parameter counts read
 from config.json + safetensors headers must equal the model's actual parameters (numel in
 memory); the report summary; the PNG; typed errors for bad folders."""
 
@@ -10,12 +10,13 @@ import sys
 
 import pytest
 import torch
-from slimllm import checkpoint, slicing
-from slimllm.adapters import get_adapter
+from slimllm.io import checkpoint
+from slimllm.pruning import slicing
+from slimllm.families.adapters import get_adapter
 from slimllm.cli import main
 from slimllm.errors import CheckpointError, ConfigError
-from slimllm.inspection import format_info, inspect_folder, plot_info, summarize_report
-from slimllm.ratios import count_parameters
+from slimllm.evaluation.inspection import format_info, inspect_folder, plot_info, summarize_report
+from slimllm.pruning.ratios import count_parameters
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -242,7 +243,7 @@ def test_stock_pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path):
 
 def test_real_pipeline_report(make_tiny_model, tiny_tokenizer, tmp_path):
     """The report prune_model writes is read: ratios, per-layer importance, kept counts."""
-    from slimllm.pipeline import PruneConfig, prune_model
+    from slimllm.pruning.pipeline import PruneConfig, prune_model
 
     model = make_tiny_model("llama", layers=3)
     calib = torch.randint(

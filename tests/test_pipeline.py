@@ -1,4 +1,4 @@
-"""The block-by-block pipeline (slimllm.pipeline) on tiny random Llama / Mistral / Qwen2 / Qwen3
+"""The block-by-block pipeline (slimllm.pruning.pipeline) on tiny random Llama / Mistral / Qwen2 / Qwen3
 models, MHA and GQA, tied and untied embeddings.
 
 The central check rebuilds every pruned model independently, as a *masked* dense model: the
@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from slimllm.adapters import get_adapter
+from slimllm.families.adapters import get_adapter
 from slimllm.errors import (
     CalibrationError,
     ConfigError,
     NonFiniteError,
     UnsupportedArchitectureError,
 )
-from slimllm.pipeline import PruneConfig, prune_model
-from slimllm.ratios import count_parameters
+from slimllm.pruning.pipeline import PruneConfig, prune_model
+from slimllm.pruning.ratios import count_parameters
 
 CASES = [
     # arch, heads, kv heads, tied
@@ -222,7 +222,7 @@ def test_achieved_ratio_and_exact_counts(make_tiny_model, target):
 
 
 def test_report_contents(make_tiny_model, tiny_tokenizer):
-    from slimllm.calibration import from_documents
+    from slimllm.pruning.calibration import from_documents
 
     model = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=3)
     text = "Pruning removes attention heads and channels of a language model. " * 40
@@ -495,8 +495,8 @@ def _cli(*args):
 def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path):
     """python -m slimllm prune on a saved tiny model; the folder reloads with the logits of the
     same prune done in memory, and the recovery biases survive."""
-    from slimllm.calibration import load_calibration
-    from slimllm.checkpoint import load_pruned
+    from slimllm.pruning.calibration import load_calibration
+    from slimllm.io.checkpoint import load_pruned
 
     dense = make_tiny_model("qwen3", num_heads=4, num_kv_heads=2, tied=True, layers=2)
     src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
@@ -526,8 +526,8 @@ def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path):
 def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_tokenizer, tmp_path):
     """No calibration source: the sequences are sampled from the model (issue 4, item 1), and
     the result equals an in-memory prune on the same self-generated sequences."""
-    from slimllm.calibration import self_generated
-    from slimllm.checkpoint import load_pruned
+    from slimllm.pruning.calibration import self_generated
+    from slimllm.io.checkpoint import load_pruned
 
     dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
     src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
@@ -555,7 +555,7 @@ def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_toke
 
 
 def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path):
-    from slimllm.checkpoint import load_pruned, save_pruned
+    from slimllm.io.checkpoint import load_pruned, save_pruned
 
     model = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
     calib = _ids(model.config.vocab_size)

@@ -1,5 +1,5 @@
 """Per-layer ratio allocation, counts, exact parameter accounting and the target search
-(slimllm.ratios, DESIGN.md section 5)."""
+(slimllm.pruning.ratios, DESIGN.md section 5)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from slimllm.adapters import get_adapter
+from slimllm.families.adapters import get_adapter
 from slimllm.errors import ConfigError
-from slimllm.ratios import (
+from slimllm.pruning.ratios import (
     LayerSpec,
     allocate_ratios,
     count_parameters,

@@ -1,4 +1,4 @@
-"""Resumable prunes (slimllm.resume, issue 4 item 2): a run killed mid-model continues after
+"""Resumable prunes (slimllm.pruning.resume, issue 4 item 2): a run killed mid-model continues after
 its last finished block and ends with exactly the tensors of an uninterrupted run.
 
 The CLI tests kill a real ``python -m slimllm prune`` process with SIGKILL at chosen points
@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from slimllm.errors import CheckpointError, ConfigError
-from slimllm.pipeline import PruneConfig, prune_model
-from slimllm.resume import STATE_NAME, PruneState
+from slimllm.pruning.pipeline import PruneConfig, prune_model
+from slimllm.pruning.resume import STATE_NAME, PruneState
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -200,7 +200,7 @@ def test_a_folder_that_is_not_a_state_is_never_used(tmp_path, make_tiny_model):
 _KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from slimllm import resume
+    from slimllm.pruning import resume
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)

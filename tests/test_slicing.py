@@ -1,4 +1,4 @@
-"""Layer surgery (slimllm.slicing): slicing equals masking on every tiny family, GQA and MHA,
+"""Layer surgery (slimllm.pruning.slicing): slicing equals masking on every tiny family, GQA and MHA,
 tied and untied embeddings; attributes kept in sync; generate() after per-layer shapes; errors."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_ARCHS
-from slimllm.adapters import get_adapter
+from slimllm.families.adapters import get_adapter
 from slimllm.errors import InvalidCountError, NonFiniteError, ShapeMismatchError
-from slimllm.slicing import head_rows, keep_channels, keep_heads, set_linear
+from slimllm.pruning.slicing import head_rows, keep_channels, keep_heads, set_linear
 
 ATOL = 1e-5
 

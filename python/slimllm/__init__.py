@@ -15,14 +15,14 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
 # The pruning API, imported on first use (it pulls in torch and transformers):
-#   PruneConfig, prune_model (slimllm.pipeline), load_pruned (slimllm.checkpoint),
-#   load_calibration, CalibrationSet (slimllm.calibration).
+#   PruneConfig, prune_model (slimllm.pruning.pipeline), load_pruned (slimllm.io.checkpoint),
+#   load_calibration, CalibrationSet (slimllm.pruning.calibration).
 _LAZY = {
-    "PruneConfig": "slimllm.pipeline",
-    "prune_model": "slimllm.pipeline",
-    "load_pruned": "slimllm.checkpoint",
-    "load_calibration": "slimllm.calibration",
-    "CalibrationSet": "slimllm.calibration",
+    "PruneConfig": "slimllm.pruning.pipeline",
+    "prune_model": "slimllm.pruning.pipeline",
+    "load_pruned": "slimllm.io.checkpoint",
+    "load_calibration": "slimllm.pruning.calibration",
+    "CalibrationSet": "slimllm.pruning.calibration",
 }
 
 __all__ = ["__version__", *_error_names, *_LAZY]

@@ -109,7 +109,7 @@ def _ppl_names(args: argparse.Namespace) -> list[str]:
 
 def _validate(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Check everything that can be checked before loading a model; return (ppl texts, tasks)."""
-    from slimllm import evaluate
+    from slimllm.evaluation import evaluate
 
     _positive("--seq-len", args.seq_len, allow_none=False)
     if args.seq_len < 2:
@@ -159,9 +159,9 @@ def _device(name: str | None) -> str:
 
 
 def load(source: str, dtype: str, device: str):
-    """Load ``(model, tokenizer)`` for evaluation via :func:`slimllm.checkpoint.load_model`
+    """Load ``(model, tokenizer)`` for evaluation via :func:`slimllm.io.checkpoint.load_model`
     (the model in eval mode)."""
-    from slimllm.checkpoint import load_model
+    from slimllm.io.checkpoint import load_model
 
     model, tokenizer = load_model(source, dtype=dtype, device=device)
     model.eval()
@@ -182,7 +182,7 @@ def build_report(
     import transformers
 
     import slimllm
-    from slimllm import evaluate
+    from slimllm.evaluation import evaluate
 
     report: dict[str, Any] = {
         "model": args.model,
@@ -274,7 +274,7 @@ def _write_json(path: str, report: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the options, load the model, measure, print the tables, write --json."""
-    from slimllm import evaluate
+    from slimllm.evaluation import evaluate
 
     texts, tasks = _validate(args)
     if args.threads is not None:

@@ -1,6 +1,6 @@
 """`python -m slimllm inspect DIR`: per-layer shapes and parameter counts, the pruning report,
 and optionally a PNG of layer importances and ratios (a thin layer over
-:mod:`slimllm.inspection`).
+:mod:`slimllm.evaluation.inspection`).
 
 Examples::
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from slimllm.inspection import check_plot_path, format_info, inspect_folder, plot_info
+    from slimllm.evaluation.inspection import check_plot_path, format_info, inspect_folder, plot_info
 
     if args.plot is not None:
         check_plot_path(args.plot)

@@ -1,5 +1,5 @@
 """`python -m slimllm prune`: load a model, draw calibration sequences, prune block by block,
-save atomically (a thin layer over ``slimllm.pipeline.prune_model``)."""
+save atomically (a thin layer over ``slimllm.pruning.pipeline.prune_model``)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _float_list(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``prune`` (every default shown by ``--help``)."""
-    from slimllm.pipeline import PruneConfig
+    from slimllm.pruning.pipeline import PruneConfig
 
     d = PruneConfig.__dataclass_fields__
     parser.epilog = EPILOG
@@ -129,10 +129,10 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from slimllm.calibration import load_calibration, read_documents, self_generated
-    from slimllm.checkpoint import check_output_folder
+    from slimllm.pruning.calibration import load_calibration, read_documents, self_generated
+    from slimllm.io.checkpoint import check_output_folder
     from slimllm.errors import CalibrationError, CheckpointError, ConfigError
-    from slimllm.pipeline import PruneConfig
+    from slimllm.pruning.pipeline import PruneConfig
 
     config = PruneConfig(
         ratio=args.ratio,
@@ -170,9 +170,9 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.seq_len < 1:
         raise CalibrationError("--num-samples and --seq-len must be positive")
 
-    from slimllm.checkpoint import load_model, remove_interrupted_saves, save_pruned
-    from slimllm.pipeline import prune_model
-    from slimllm.resume import STATE_NAME, PruneState
+    from slimllm.io.checkpoint import load_model, remove_interrupted_saves, save_pruned
+    from slimllm.pruning.pipeline import prune_model
+    from slimllm.pruning.resume import STATE_NAME, PruneState
 
     state = PruneState.open(state_dir)  # not a state folder: fail before loading the model
     if state.resumable:  # other settings: refuse now; model and calibration after loading
@@ -262,7 +262,7 @@ def _rewrite_report(output, report: dict) -> None:
     import json
     import os
 
-    from slimllm.checkpoint import REPORT_NAME
+    from slimllm.io.checkpoint import REPORT_NAME
 
     path = output / REPORT_NAME
     tmp = path.with_name(path.name + ".tmp")

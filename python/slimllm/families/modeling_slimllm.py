@@ -16,7 +16,7 @@ whose layers' Linear modules are resized (biases included) right after construct
 state-dict keys are the stock ones.
 
 Loads with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` or, without
-remote code, ``slimllm.checkpoint.load_pruned(DIR)`` (which imports this module from the package).
+remote code, ``slimllm.io.checkpoint.load_pruned(DIR)`` (which imports this module from the package).
 
 Self-contained on purpose: it imports only torch and transformers.
 """

@@ -1,6 +1,6 @@
 """Resumable prunes: the on-disk state of a block-by-block run (DESIGN.md sections 1 and 4).
 
-:func:`slimllm.pipeline.prune_model` given a ``state_dir`` records its progress there, and a
+:func:`slimllm.pruning.pipeline.prune_model` given a ``state_dir`` records its progress there, and a
 later call with the same folder, the same (dense) model, calibration set and settings
 continues after the last finished block instead of starting over. The resumed run computes
 exactly what the uninterrupted one would have: the inputs of the next block, the pruned blocks

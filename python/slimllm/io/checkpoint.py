@@ -19,7 +19,7 @@ Two config flavours:
   with plain ``AutoModelForCausalLM.from_pretrained(DIR)``.
 - **per-layer** (remote code): ``model_type`` ``slimllm_<family>``, ``slimllm_layers`` (one
   shape + bias list per layer), ``auto_map`` to ``modeling_slimllm.py`` copied into the folder
-  (see :mod:`slimllm.modeling_slimllm`). Used for non-uniform shapes and for families whose stock
+  (see :mod:`slimllm.families.modeling_slimllm`). Used for non-uniform shapes and for families whose stock
   config has no place for the recovery biases (mistral and qwen2: no o_proj/down_proj bias;
   qwen3: no down_proj bias). Loads with
   :func:`load_pruned` (no remote code needed) or ``AutoModelForCausalLM.from_pretrained(DIR,
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimllm.adapters import (
+from slimllm.families.adapters import (
     REMOTE_MODEL_TYPE_PREFIX,
     LayerShape,
     get_adapter,
@@ -98,8 +98,8 @@ _LAYERS_KEY = "slimllm_layers"
 
 
 def _remote() -> Any:
-    """slimllm.modeling_slimllm (imported lazily: it imports transformers' model classes)."""
-    from slimllm import modeling_slimllm
+    """slimllm.families.modeling_slimllm (imported lazily: it imports transformers' model classes)."""
+    from slimllm.families import modeling_slimllm
 
     return modeling_slimllm
 
@@ -400,7 +400,7 @@ def load_pruned(
     """Load a folder written by :func:`save_pruned` (DESIGN.md section 6), without remote code.
 
     A per-layer config (``model_type`` ``slimllm_<family>``) is built with the classes of
-    :mod:`slimllm.modeling_slimllm` from this package (the same code the folder carries for
+    :mod:`slimllm.families.modeling_slimllm` from this package (the same code the folder carries for
     ``trust_remote_code=True``); a stock config is loaded with ``AutoModelForCausalLM``.
     Every weight of the folder must match the model exactly (no missing, unexpected or
     mismatched tensors). Also accepts a hub id.

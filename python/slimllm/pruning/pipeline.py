@@ -9,7 +9,7 @@ the style of a sequential (SparseGPT-like) pipeline:
    LM head never runs), in chunks of ``batch_size`` sequences;
 2. pass A, dense: every block runs once on the dense hidden states; s_i = mean over tokens of
    cos(h_in, h_out) is the layer importance (DESIGN.md section 5) and fixes the per-layer
-   ratios (``slimllm.ratios``);
+   ratios (``slimllm.pruning.ratios``);
 3. per block, on the outputs of the already pruned blocks before it (errors propagate as in
    the paper):
 
@@ -27,7 +27,7 @@ the style of a sequential (SparseGPT-like) pipeline:
 
 With ``state_dir`` (``python -m slimllm prune`` always gives one, ``OUTPUT.partial``), the
 dense references after pass A and every finished block with the next block's inputs are
-recorded on disk (:mod:`slimllm.resume`), so a killed run continues after its last finished
+recorded on disk (:mod:`slimllm.pruning.resume`), so a killed run continues after its last finished
 block with identical results.
 
 Only the current block is moved to ``device``. Activations reach the core as C-contiguous
@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from slimllm import _core
-from slimllm.adapters import get_adapter
+from slimllm.families.adapters import get_adapter
 from slimllm.errors import CalibrationError, ConfigError, NonFiniteError, SlimLLMError
-from slimllm.ratios import (
+from slimllm.pruning.ratios import (
     HEAD_MODES,
     count_parameters,
     layer_specs,
@@ -418,12 +418,12 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
         model: a transformers ``*ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
             Qwen3, SmolLM2), any dtype, on CPU (or already on ``config.device``).
         tokenizer: its tokenizer (only used for the report; may be None).
-        calibration_batches: a ``slimllm.calibration.CalibrationSet``, an int64 tensor
+        calibration_batches: a ``slimllm.pruning.calibration.CalibrationSet``, an int64 tensor
             (N, L), or an iterable of (b, L) tensors / ``{"input_ids": ...}`` dicts; re-chunked
             into ``config.batch_size`` sequences.
         config: a validated :class:`PruneConfig`.
         state_dir: optional folder (str or path) for the resumable state of this run
-            (:mod:`slimllm.resume`): after the dense pass and after every block the progress
+            (:mod:`slimllm.pruning.resume`): after the dense pass and after every block the progress
             is recorded there, atomically. If it already holds the state of an interrupted
             run of the same model, calibration set and settings, that run continues after its
             last finished block and ends with exactly the tensors and report entries an
@@ -495,7 +495,7 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
 
     state = expected = None
     if state_dir is not None:
-        from slimllm.resume import PruneState, fingerprint
+        from slimllm.pruning.resume import PruneState, fingerprint
 
         state = PruneState.open(state_dir)
         expected = fingerprint(model, chunks, config.to_dict())
@@ -558,7 +558,7 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
           state=None, expected=None):
     from tqdm.auto import tqdm
 
-    from slimllm import slicing
+    from slimllm.pruning import slicing
 
     n_layers = len(layers)
     hidden0, block_kwargs = _capture(model, adapter, chunks, device, timings)
@@ -650,7 +650,7 @@ def _dense_pass(layers, hidden0, block_kwargs, config, device, timings):
 
 
 def _plan(config, specs, total_params, importance):
-    """The per-layer plan (``slimllm.ratios``, DESIGN.md section 5) from the importances."""
+    """The per-layer plan (``slimllm.pruning.ratios``, DESIGN.md section 5) from the importances."""
     if config.layer_ratios is not None:
         return plan_from_layer_ratios(
             config.layer_ratios, specs, total_params, importance, config.head_mode,

@@ -19,7 +19,7 @@ qwen3     explicit ``head_dim``; ``q_norm``/``k_norm`` are RMSNorms of size ``he
 ========  ===============================================================================
 
 Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<family>``
-(see :mod:`slimllm.modeling_slimllm`); they map to the same adapters.
+(see :mod:`slimllm.families.modeling_slimllm`); they map to the same adapters.
 """
 
 from __future__ import annotations

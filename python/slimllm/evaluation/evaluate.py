@@ -1,7 +1,7 @@
 """Measurements of a (pruned) causal LM: perplexity, zero-shot accuracy (lm-eval) and speed.
 
 Everything here takes an already loaded ``(model, tokenizer)`` pair (see
-:func:`slimllm.checkpoint.load_model`); ``python -m slimllm eval`` is the command-line layer.
+:func:`slimllm.io.checkpoint.load_model`); ``python -m slimllm eval`` is the command-line layer.
 
 Perplexity (the protocol of the paper's code, LLM-Pruner's ``PPLMetric``): the evaluation text
 is tokenized once, cut into non-overlapping windows of ``seq_len`` tokens (the tail that does not
@@ -13,7 +13,7 @@ with ``"\\n\\n"``) and ``ptb_valid`` (the validation split, which the paper's co
 scores as "ptb"); each read from the data folder when its file is there, else from the hub.
 
 Zero-shot: lm-eval's own evaluator on an in-memory ``HFLM`` with the task configs shipped in
-:mod:`slimllm.tasks` (lm-eval's prompts and metrics, local documents).
+:mod:`slimllm.evaluation.tasks` (lm-eval's prompts and metrics, local documents).
 
 Speed: prefill and greedy decode throughput with a KV cache, peak memory, medians of repeats.
 """
@@ -36,7 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from slimllm.errors import ConfigError
-from slimllm.tasks import LOCAL_TASKS, TASKS_DIR, missing_task_files, resolve_data_dir
+from slimllm.evaluation.tasks import LOCAL_TASKS, TASKS_DIR, missing_task_files, resolve_data_dir
 
 __all__ = [
     "DEFAULT_SEQ_LEN",
@@ -481,7 +481,7 @@ def zero_shot(
     ``HFLM(pretrained=model, tokenizer=tokenizer)``.
 
     ``tasks``: lm-eval task names (see :func:`check_tasks`; local configs from
-    :mod:`slimllm.tasks` reading ``data_dir`` by default). ``limit``: the first N documents of
+    :mod:`slimllm.evaluation.tasks` reading ``data_dir`` by default). ``limit``: the first N documents of
     each task. ``max_length``: lm-eval's context limit (default: the model's).
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr",

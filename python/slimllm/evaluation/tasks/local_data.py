@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from slimllm.errors import ConfigError
-from slimllm.tasks import resolve_data_dir
+from slimllm.evaluation.tasks import resolve_data_dir
 
 
 def _file(data_dir: str | os.PathLike | None, rel: str) -> Path:

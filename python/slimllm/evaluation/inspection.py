@@ -4,7 +4,7 @@ counts, the pruning report, and a plot of layer importances and ratios.
 Everything here reads only ``config.json``, the safetensors *headers* (tensor names, shapes and
 dtypes via ``safetensors.safe_open``; no tensor data) and ``slimllm_report.json``, so it is fast
 and light on memory even for large models. It works for a folder written by
-:func:`slimllm.checkpoint.save_pruned` (stock config or per-layer ``slimllm_<family>`` config)
+:func:`slimllm.io.checkpoint.save_pruned` (stock config or per-layer ``slimllm_<family>`` config)
 and for a dense Hugging Face folder alike.
 
 Units: parameter counts are numbers of scalars (tensor elements), sizes are bytes, times are
@@ -14,7 +14,7 @@ embedding matrix and adds nothing, buffers (rotary ``inv_freq``) are not paramet
 
 Used by ``python -m slimllm inspect DIR [--plot PATH.png] [--json]``; importable on its own::
 
-    from slimllm.inspection import inspect_folder, format_info, plot_info
+    from slimllm.evaluation.inspection import inspect_folder, format_info, plot_info
     info = inspect_folder("out/smollm2-20")
     print(format_info(info))
     plot_info(info, "smollm2-20.png")
@@ -258,7 +258,7 @@ def _config_layer_specs(
 ) -> list[dict]:
     """The (num_heads, num_kv_heads, head_dim, intermediate_size) config.json gives each block."""
     if per_layer:
-        from slimllm.modeling_slimllm import LAYERS_KEY
+        from slimllm.families.modeling_slimllm import LAYERS_KEY
 
         specs = config.get(LAYERS_KEY)
         if not isinstance(specs, list) or len(specs) != n_layers:
@@ -371,7 +371,7 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
     """Read the shapes, parameter counts and report of a model folder (no weights loaded).
 
     ``path`` is a folder with ``config.json`` and safetensors weights (single file or shards
-    with ``model.safetensors.index.json``): a :func:`slimllm.checkpoint.save_pruned` output or
+    with ``model.safetensors.index.json``): a :func:`slimllm.io.checkpoint.save_pruned` output or
     a dense Hugging Face folder. Shapes come from the tensor headers and must agree with
     ``config.json`` (per-layer ``slimllm_layers`` or the stock head / channel counts).
     ``slimllm_report.json`` is optional; an unreadable report or one that disagrees with the
@@ -383,7 +383,7 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
             PyTorch ``.bin`` weights (inspect reads safetensors headers).
         UnsupportedArchitectureError: the config's family has no slimllm adapter.
     """
-    from slimllm.checkpoint import (
+    from slimllm.io.checkpoint import (
         REPORT_NAME,
         check_architecture,
         check_weights,

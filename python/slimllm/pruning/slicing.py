@@ -12,7 +12,7 @@ The model config is the *dense template* while layers are being pruned: slicing 
 value describes per-layer shapes, and nothing in transformers' forward or ``generate()`` reads
 them after construction). It only makes ``config.head_dim`` explicit, since
 ``hidden_size // num_attention_heads`` is no longer the head size once heads are gone. Read
-shapes with ``adapter.layer_shape(layer)``; :func:`slimllm.checkpoint.save_pruned` writes the
+shapes with ``adapter.layer_shape(layer)``; :func:`slimllm.io.checkpoint.save_pruned` writes the
 right config.
 
 All index and shape checks run before any module is changed: a failing call leaves the layer
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimllm.adapters import ModelAdapter
+from slimllm.families.adapters import ModelAdapter
 from slimllm.errors import InvalidCountError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["keep_heads", "keep_channels", "set_linear", "head_rows"]

@@ -5,12 +5,12 @@ mirrors lm-eval's own definition of the task (same prompt ``doc_to_text``, ``doc
 ``doc_to_target``, ``target_delimiter``, ``process_docs`` and ``metric_list``, the functions taken
 from lm-eval itself where it defines them in Python) and differs in one respect only: the
 documents come from the local files in the evaluation data folder (see
-``shared/data/PROVENANCE.md``) through the loaders in :mod:`slimllm.tasks.local_data`, converted
+``shared/data/PROVENANCE.md``) through the loaders in :mod:`slimllm.evaluation.tasks.local_data`, converted
 to the Hugging Face schema lm-eval's configs expect, instead of from the hub. Training splits are
 left out (zero-shot only).
 
 Pass :data:`TASKS_DIR` to ``lm_eval.tasks.TaskManager(include_path=...)`` with
-``metadata={"data_dir": ...}``; :func:`slimllm.evaluate.zero_shot` does that.
+``metadata={"data_dir": ...}``; :func:`slimllm.evaluation.evaluate.zero_shot` does that.
 """
 
 from __future__ import annotations
