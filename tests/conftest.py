@@ -72,7 +72,11 @@ def tiny_tokenizer():
     )
 
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite")
+#: non-default family-specific config values, so tests exercise them (granite: its multipliers)
+_FAMILY_EXTRAS = {
+    "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5),
+}
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +92,7 @@ def make_tiny_model(tiny_tokenizer):
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "granite": transformers.GraniteConfig,
     }
 
     def make(
@@ -113,6 +118,7 @@ def make_tiny_model(tiny_tokenizer):
             tie_word_embeddings=tied,
             bos_token_id=tiny_tokenizer.bos_token_id,
             eos_token_id=tiny_tokenizer.eos_token_id,
+            **_FAMILY_EXTRAS.get(arch, {}),
         )
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -38,6 +38,7 @@ CASES = [
     ("qwen2", 4, 2, True),  # q/k/v biases
     ("qwen3", 4, 4, False),  # MHA, q_norm / k_norm
     ("qwen3", 8, 2, True),  # GQA with 4 query heads per group
+    ("granite", 4, 2, False),  # scalar multipliers
 ]
 CASE_IDS = [f"{a}-{h}h{g}kv-{'tied' if t else 'untied'}" for a, h, g, t in CASES]
 
@@ -554,16 +555,21 @@ def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_toke
     assert both.returncode == 2 and "one calibration source" in both.stderr
 
 
-def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "granite"])
+def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path, arch):
     from slimllm.io.checkpoint import load_pruned, save_pruned
 
-    model = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
+    model = make_tiny_model(arch, num_heads=4, num_kv_heads=2, layers=2)
     calib = _ids(model.config.vocab_size)
     model, report = prune_model(model, None, calib, PruneConfig(ratio=0.2, progress=False))
     save_pruned(model, None, tmp_path / "out", report)
     back = load_pruned(tmp_path / "out")
     probe = _ids(model.config.vocab_size, n=2, seed=5)
     assert torch.equal(_logits(back, probe), _logits(model, probe))
+    if arch == "granite":  # the scalar multipliers survive the round trip
+        for key, value in {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                           "attention_multiplier": 0.2, "logits_scaling": 2.5}.items():
+            assert getattr(back.config, key) == value
 
 
 @pytest.mark.parametrize(

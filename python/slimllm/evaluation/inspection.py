@@ -139,7 +139,7 @@ class ModelInfo:
     Attributes:
         path: the folder.
         model_type: ``config.json`` ``model_type`` (``slimllm_<family>`` for per-layer configs).
-        family: adapter family (``llama``, ``mistral``, ``qwen2``, ``qwen3``).
+        family: adapter family (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``granite``).
         config_format: ``"per-layer"`` (slimllm remote-code config) or ``"stock"``.
         hidden_size: d.
         vocab_size: rows of the embedding matrix.

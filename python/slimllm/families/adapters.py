@@ -16,6 +16,9 @@ mistral   same layout as llama, no biases
 qwen2     q/k/v carry biases, o_proj and the MLP do not
 qwen3     explicit ``head_dim``; ``q_norm``/``k_norm`` are RMSNorms of size ``head_dim`` shared
           by all heads, so they are untouched when heads are removed
+granite   Llama layout (optional ``attention_bias``/``mlp_bias``) with scalar
+          ``embedding_multiplier``/``residual_multiplier``/``attention_multiplier``/
+          ``logits_scaling``, which do not depend on head or channel counts
 ========  ===============================================================================
 
 Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<family>``
@@ -165,9 +168,15 @@ class Qwen3Adapter(ModelAdapter):
     shared_head_norms = ("q_norm", "k_norm")
 
 
+class GraniteAdapter(ModelAdapter):
+    """Granite: Llama layout with scalar multipliers (untouched by pruning)."""
+
+    name = "granite"
+
+
 _REGISTRY: dict[str, ModelAdapter] = {
     adapter.name: adapter
-    for adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter())
+    for adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), GraniteAdapter())
 }
 
 
@@ -206,8 +215,8 @@ def model_type_of(model_or_config: Any) -> str:
 def get_adapter(model_or_config: Any) -> ModelAdapter:
     """The adapter for a model, a config (or config dict), or a ``model_type`` string.
 
-    Keyed by ``config.model_type``: ``llama`` (SmolLM2 too), ``mistral``, ``qwen2``, ``qwen3``
-    and their slimllm per-layer variants ``slimllm_<family>``.
+    Keyed by ``config.model_type``: ``llama`` (SmolLM2 too), ``mistral``, ``qwen2``, ``qwen3``,
+    ``granite`` and their slimllm per-layer variants ``slimllm_<family>``.
 
     Raises:
         UnsupportedArchitectureError: any other family; the message names the architecture

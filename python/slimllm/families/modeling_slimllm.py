@@ -23,6 +23,8 @@ Self-contained on purpose: it imports only torch and transformers.
 
 from torch import nn
 from transformers import (
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -138,6 +140,12 @@ class SlimLLMQwen3Config(Qwen3Config):
     model_type = "slimllm_qwen3"
 
 
+class SlimLLMGraniteConfig(GraniteConfig):
+    """GraniteConfig plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_granite"
+
+
 class SlimLLMLlamaForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with per-layer head counts, intermediate sizes and biases."""
 
@@ -178,12 +186,23 @@ class SlimLLMQwen3ForCausalLM(Qwen3ForCausalLM):
         apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
 
 
+class SlimLLMGraniteForCausalLM(GraniteForCausalLM):
+    """GraniteForCausalLM with per-layer head counts, intermediate sizes and biases."""
+
+    config_class = SlimLLMGraniteConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
 #: base family -> (config class, model class)
 FAMILIES = {
     "llama": (SlimLLMLlamaConfig, SlimLLMLlamaForCausalLM),
     "mistral": (SlimLLMMistralConfig, SlimLLMMistralForCausalLM),
     "qwen2": (SlimLLMQwen2Config, SlimLLMQwen2ForCausalLM),
     "qwen3": (SlimLLMQwen3Config, SlimLLMQwen3ForCausalLM),
+    "granite": (SlimLLMGraniteConfig, SlimLLMGraniteForCausalLM),
 }
 
 
