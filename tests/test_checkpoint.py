@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_ARCHS
+import slimllm
 from slimllm.io import checkpoint
 from slimllm.families.adapters import get_adapter
 from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
@@ -144,12 +145,16 @@ def _check_per_layer(model, tokenizer, out, expected):
     with pytest.raises((ValueError, OSError, KeyError)):  # stock loading refuses, it does not guess
         transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
 
-    pruned = checkpoint.load_pruned(out)
     remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     asked: list = []  # transformers' "run the custom code? [y/N]" prompt reads input()
     with mock.patch("builtins.input", side_effect=lambda *a: asked.append(a) or "n"):
+        pruned = slimllm.load_pruned(out)
+        own_tok = slimllm.load_tokenizer(out)
         loaded, tok = checkpoint.load_model(out)
     assert not asked  # no remote code is run, so nobody is asked about it
+    with mock.patch("builtins.input", side_effect=lambda *a: asked.append(a) or "n"):
+        transformers.AutoTokenizer.from_pretrained(out)
+    assert asked  # the prompt load_tokenizer avoids: the test would see it if it came back
     for reloaded in (pruned, remote, loaded):
         assert torch.equal(_logits(reloaded), expected)
         _assert_same_weights(model, reloaded)
@@ -158,6 +163,7 @@ def _check_per_layer(model, tokenizer, out, expected):
     out_ids = pruned.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out_ids.shape == (1, 8)
     assert tok("lazy dog")["input_ids"] == tokenizer("lazy dog")["input_ids"]
+    assert own_tok("lazy dog")["input_ids"] == tokenizer("lazy dog")["input_ids"]
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])

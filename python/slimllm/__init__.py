@@ -15,12 +15,14 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
 # The pruning API, imported on first use (it pulls in torch and transformers):
-#   PruneConfig, prune_model (slimllm.pruning.pipeline), load_pruned (slimllm.io.checkpoint),
+#   PruneConfig, prune_model (slimllm.pruning.pipeline), load_pruned,
+#   load_tokenizer (slimllm.io.checkpoint),
 #   load_calibration, CalibrationSet (slimllm.pruning.calibration).
 _LAZY = {
     "PruneConfig": "slimllm.pruning.pipeline",
     "prune_model": "slimllm.pruning.pipeline",
     "load_pruned": "slimllm.io.checkpoint",
+    "load_tokenizer": "slimllm.io.checkpoint",
     "load_calibration": "slimllm.pruning.calibration",
     "CalibrationSet": "slimllm.pruning.calibration",
 }

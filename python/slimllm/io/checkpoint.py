@@ -394,6 +394,46 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
             del model.config.quantization_config
 
 
+def _pruned_source(path: str | os.PathLike) -> tuple[str, dict[str, Any], str]:
+    """``(source, config.json as a dict, family)`` of a local folder or hub id, checked
+    (config parses, family supported, safetensors headers complete for a folder)."""
+    folder = Path(os.fspath(path)).expanduser()
+    if folder.is_dir():
+        source = str(folder)
+        config_dict = read_json(folder / "config.json", "model config")
+        family = check_architecture(config_dict, source)
+        check_weights(folder)
+        return source, config_dict, family
+    if folder.exists():
+        raise CheckpointError(f"{folder} is not a model folder")
+    source = os.fspath(path)
+    if not _HUB_ID.match(source) or folder.is_absolute():
+        raise CheckpointError(f"no such model folder: {folder}")
+    from transformers.utils import cached_file
+
+    try:
+        config_dict = read_json(Path(cached_file(source, "config.json")), "model config")
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"could not fetch {source!r} from the hub: {exc}") from exc
+    return source, config_dict, check_architecture(config_dict, source)
+
+
+def _per_layer_config_of(source: str, config_dict: dict[str, Any], family: str) -> tuple[Any, Any]:
+    """``(config, model class)`` of a per-layer pruned folder, built from this package's
+    classes (:mod:`slimllm.families.modeling_slimllm`), never from the folder's remote code."""
+    config_cls, model_cls = _remote().FAMILIES[family]
+    layers = config_dict.get(_LAYERS_KEY)
+    if not isinstance(layers, list) or len(layers) != config_dict.get("num_hidden_layers"):
+        raise CheckpointError(
+            f"{source}: config.json {_LAYERS_KEY} must list one entry per layer "
+            f"({config_dict.get('num_hidden_layers')})"
+        )
+    try:
+        return config_cls.from_pretrained(source), model_cls
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: invalid config.json: {exc}") from exc
+
+
 def load_pruned(
     path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
 ) -> nn.Module:
@@ -403,7 +443,7 @@ def load_pruned(
     :mod:`slimllm.families.modeling_slimllm` from this package (the same code the folder carries for
     ``trust_remote_code=True``); a stock config is loaded with ``AutoModelForCausalLM``.
     Every weight of the folder must match the model exactly (no missing, unexpected or
-    mismatched tensors). Also accepts a hub id.
+    mismatched tensors). Also accepts a hub id. Its tokenizer: :func:`load_tokenizer`.
 
     Returns:
         the ``*ForCausalLM`` in eval mode, weights in ``dtype`` on ``device``.
@@ -415,44 +455,36 @@ def load_pruned(
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = _resolve_device(device)
-    folder = Path(os.fspath(path)).expanduser()
-    source = str(folder)
-    if folder.is_dir():
-        config_dict = read_json(folder / "config.json", "model config")
-        family = check_architecture(config_dict, source)
-        check_weights(folder)
-    elif folder.exists():
-        raise CheckpointError(f"{folder} is not a model folder")
-    else:
-        source = os.fspath(path)
-        if not _HUB_ID.match(source) or folder.is_absolute():
-            raise CheckpointError(f"no such model folder: {folder}")
-        from transformers.utils import cached_file
-
-        try:
-            config_dict = read_json(Path(cached_file(source, "config.json")), "model config")
-        except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"could not fetch {source!r} from the hub: {exc}") from exc
-        family = check_architecture(config_dict, source)
-
+    source, config_dict, family = _pruned_source(path)
     if is_pruned_config(config_dict):
-        config_cls, model_cls = _remote().FAMILIES[family]
-        layers = config_dict.get(_LAYERS_KEY)
-        if not isinstance(layers, list) or len(layers) != config_dict.get("num_hidden_layers"):
-            raise CheckpointError(
-                f"{source}: config.json {_LAYERS_KEY} must list one entry per layer "
-                f"({config_dict.get('num_hidden_layers')})"
-            )
-        try:
-            config = config_cls.from_pretrained(source)
-        except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{source}: invalid config.json: {exc}") from exc
+        config, model_cls = _per_layer_config_of(source, config_dict, family)
         model = _from_pretrained(model_cls, source, source, config=config, dtype=torch_dtype)
     else:
         from transformers import AutoModelForCausalLM
 
         model = _from_pretrained(AutoModelForCausalLM, source, source, dtype=torch_dtype)
     return _finish(model, torch_device)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer of a folder written by :func:`save_pruned` (or any HF model folder / hub
+    id), loaded without remote code and without transformers' "run the custom code? [y/N]"
+    prompt: ``AutoTokenizer.from_pretrained(path)`` on a per-layer folder would read its
+    config through ``AutoConfig``, which asks about the folder's ``auto_map``; here the config
+    comes from this package's classes instead.
+
+    Returns:
+        the tokenizer (a ``PreTrainedTokenizerBase``).
+
+    Raises:
+        CheckpointError: missing/corrupt config.json, weights or tokenizer files.
+        UnsupportedArchitectureError: the folder's family has no adapter.
+    """
+    source, config_dict, family = _pruned_source(path)
+    if is_pruned_config(config_dict):
+        config, _ = _per_layer_config_of(source, config_dict, family)
+        return _load_tokenizer(source, source, config=config)
+    return _load_tokenizer(source, source)
 
 
 # ----------------------------------------------------------------------------------------------
