@@ -29,6 +29,15 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _damp(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``prune`` (every default shown by ``--help``)."""
     from slimllm.pruning.pipeline import PruneConfig
@@ -82,9 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(paper); 'ridge': ridge re-fit of the kept columns (shrunk toward 0); "
                              "'ridge-delta': the same least squares shrunk toward the original "
                              "kept weights; or none. Every mode but none adds a bias")
-    method.add_argument("--ridge-damp", type=float, default=None,
+    method.add_argument("--ridge-damp", type=_damp, default=None, metavar="LAMBDA|auto",
                         help="ridge lambda as a fraction of mean(diag C_KK); default 0.01 for "
-                             "ridge, 1.0 for ridge-delta")
+                             "ridge, 1.0 for ridge-delta; 'auto' picks it per projection by "
+                             "the error on held-out calibration sequences (every 4th)")
     method.add_argument("--protect-lowest", type=float, default=d["protect_lowest"].default,
                         help="fraction of lowest-scoring MLP channels kept before pruning the next "
                              "ones (paper quirk; 0 disables)")
