@@ -87,13 +87,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the greedy head swap of the paper's Algorithm 1 (ablation)")
     method.add_argument("--recovery", choices=["affine", "ridge", "ridge-delta", "none"],
                         default=d["recovery"].default,
-                        help="output recovery of o_proj/down_proj: per-coordinate affine fit "
-                             "(paper); 'ridge': ridge re-fit of the kept columns (shrunk toward 0); "
-                             "'ridge-delta': the same least squares shrunk toward the original "
-                             "kept weights; or none. Every mode but none adds a bias")
+                        help="output recovery of o_proj/down_proj: 'ridge-delta' (default): "
+                             "least squares re-fit of the kept columns shrunk toward the original "
+                             "kept weights; 'ridge': the same shrunk toward 0; 'affine': "
+                             "per-coordinate affine fit (the paper's); or none. Every mode but "
+                             "none adds a bias")
     method.add_argument("--ridge-damp", type=_damp, default=None, metavar="LAMBDA|auto",
                         help="ridge lambda as a fraction of mean(diag C_KK); default 0.01 for "
-                             "ridge, 1.0 for ridge-delta; 'auto' picks it per projection by "
+                             "ridge, auto for ridge-delta; 'auto' picks it per projection by "
                              "the error on held-out calibration sequences (every 4th)")
     method.add_argument("--protect-lowest", type=float, default=d["protect_lowest"].default,
                         help="fraction of lowest-scoring MLP channels kept before pruning the next "

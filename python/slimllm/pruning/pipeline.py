@@ -15,7 +15,7 @@ the style of a sequential (SparseGPT-like) pipeline:
 
    - pass 1: forward up to the o_proj input, streamed into ``_core.Moments`` (D); heads are
      ranked and chosen (``head_pair_stats``, ``select_heads``), the o_proj recovery is fitted
-     from the same moments (affine or ridge) and the attention is sliced;
+     from the same moments (ridge-delta, ridge or affine) and the attention is sliced;
    - pass 2: the block runs with the pruned attention (its o_proj applied to the stored pass-1
      inputs, the rest of the attention is not recomputed); hooks stream the MLP input
      (``SquareSums`` d), the down_proj input a = act(gate x) * up x (``SquareSums`` F, and
@@ -62,8 +62,9 @@ from slimllm.pruning.ratios import (
 __all__ = ["PruneConfig", "prune_model", "RECOVERY_MODES"]
 
 RECOVERY_MODES = ("affine", "ridge", "ridge-delta", "none")
-#: default ridge_damp per recovery mode (measured on SmolLM2-135M at 20%, WikiText-2 PPL@128)
-DEFAULT_RIDGE_DAMP = {"ridge": 0.01, "ridge-delta": 1.0}
+#: default ridge_damp per recovery mode (measured on SmolLM2-135M at 20%, WikiText-2 PPL@128,
+#: benches/README.md "Default recovery")
+DEFAULT_RIDGE_DAMP = {"ridge": 0.01, "ridge-delta": "auto"}
 #: ridge_damp values searched per projection with ``ridge_damp="auto"``
 RIDGE_DAMP_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 #: with ``ridge_damp="auto"``, calibration sequences i with i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
@@ -86,13 +87,15 @@ class PruneConfig:
         head_mode: ``"uniform"`` (same number of query heads removed from every KV group) or
             ``"kv-group"`` (whole KV groups removed, k_proj/v_proj rows too).
         greedy: run the paper's greedy head swap (Algorithm 1) after the score ranking.
-        recovery: ``"affine"`` (per-coordinate scale + bias, paper default), ``"ridge"``
-            (ridge re-fit of o_proj / down_proj over the kept inputs, DESIGN.md section 2),
-            ``"ridge-delta"`` (the same least squares, regularised toward the original kept
-            weights instead of toward zero) or ``"none"``.
+        recovery: ``"ridge-delta"`` (default: the least squares re-fit of o_proj /
+            down_proj over the kept inputs, DESIGN.md section 2, regularised toward the
+            original kept weights instead of toward zero), ``"affine"`` (per-coordinate scale
+            + bias, the paper's recovery), ``"ridge"`` (the re-fit shrunk toward zero) or
+            ``"none"``. ridge-delta is the default because it measured lowest on SmolLM2-135M
+            at 20% over calibration seeds 0-2 (benches/README.md "Default recovery").
         ridge_damp: ridge lambda relative to mean(diag C_KK) (DESIGN.md section 2); None
-            picks the mode's default (:data:`DEFAULT_RIDGE_DAMP`: 0.01 for ridge, 1.0 for
-            ridge-delta). ``"auto"``: chosen per projection from :data:`RIDGE_DAMP_GRID` by
+            picks the mode's default (:data:`DEFAULT_RIDGE_DAMP`: 0.01 for ridge, ``"auto"``
+            for ridge-delta). ``"auto"``: chosen per projection from :data:`RIDGE_DAMP_GRID` by
             the reconstruction error on held-out calibration sequences (every
             :data:`HOLDOUT_EVERY`-th one; the fits of the grid use the others), then refitted
             on all sequences with the chosen value (recorded per layer in the report as
@@ -111,7 +114,7 @@ class PruneConfig:
     alpha: float = 10.0
     head_mode: str = "uniform"
     greedy: bool = True
-    recovery: str = "affine"
+    recovery: str = "ridge-delta"
     ridge_damp: float | str | None = None
     protect_lowest: float = 0.01
     channel_multiple: int = 1
@@ -487,7 +490,8 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
     if _auto_damp(config) and calib_desc["num_samples"] < HOLDOUT_EVERY:
         raise CalibrationError(
             f'ridge_damp="auto" holds out every {HOLDOUT_EVERY}th calibration sequence: needs at '
-            f"least {HOLDOUT_EVERY} sequences, got {calib_desc['num_samples']}"
+            f"least {HOLDOUT_EVERY} sequences, got {calib_desc['num_samples']}; give more "
+            "calibration sequences or a numeric ridge_damp (e.g. --ridge-damp 1.0)"
         )
     device = torch.device(config.device)
 
