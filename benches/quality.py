@@ -4,9 +4,10 @@ at 20% and 50% of ALL parameters, one calibration set (C4, 32 x 128 tokens, seed
 Rows (every pruned model is a real smaller model, measured at its achieved parameter fraction):
 
 - ``dense``;
-- ``slimllm affine`` (paper default), ``slimllm ridge`` and ``slimllm ridge-delta`` (the
-  other recovery modes, at their default damping);
-- ablations of ``slimllm affine`` through ``PruneConfig``: ``no greedy`` (``greedy=False``),
+- ``slimllm ridge-delta`` (the default: damping chosen per projection on held-out calibration
+  sequences), ``slimllm ridge-delta 1.0`` (the same at a fixed damping), ``slimllm ridge`` and
+  ``slimllm affine`` (the paper's recovery);
+- ablations of the default through ``PruneConfig``: ``no greedy`` (``greedy=False``),
   ``recovery none``, ``protect_lowest 0``, ``uniform ratios`` (``alpha=0``: the softmax
   allocation gives every layer the same ratio R, still searched to the same target);
 - baselines from benches/baselines.py (uniform per-layer counts): ``magnitude-sp``,
@@ -45,9 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402  (bench-only module next to this file)
 
 SLIMLLM_VARIANTS: dict[str, dict] = {
-    "slimllm affine": {},
+    "slimllm ridge-delta": {},
+    "slimllm ridge-delta 1.0": {"ridge_damp": 1.0},
     "slimllm ridge": {"recovery": "ridge"},
-    "slimllm ridge-delta": {"recovery": "ridge-delta"},
+    "slimllm affine": {"recovery": "affine"},
     "abl: no greedy": {"greedy": False},
     "abl: recovery none": {"recovery": "none"},
     "abl: protect_lowest 0": {"protect_lowest": 0.0},
@@ -61,6 +63,7 @@ SHORT = {
     "affine": "slimllm affine",
     "ridge": "slimllm ridge",
     "ridge-delta": "slimllm ridge-delta",
+    "ridge-delta-1": "slimllm ridge-delta 1.0",
     "no-greedy": "abl: no greedy",
     "no-recovery": "abl: recovery none",
     "protect0": "abl: protect_lowest 0",
@@ -232,7 +235,7 @@ def plots(results: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    slim = [r for r in results if r["method"] == "slimllm affine" and r.get("layer_ratios")]
+    slim = [r for r in results if r["method"] == "slimllm ridge-delta" and r.get("layer_ratios")]
     if slim:
         fig, ax = plt.subplots(figsize=(8, 4))
         for r in slim:
@@ -303,7 +306,7 @@ def parse_args(argv=None):
                    help="zero-shot: first N documents per task (0 = no zero-shot)")
     p.add_argument("--tasks", default="all", help="zero-shot tasks (lm-eval names, comma-separated) or 'all'")
     p.add_argument("--zero-shot-on", default="main", choices=["all", "main", "none"],
-                   help="which rows get zero-shot: all, main (dense, slimllm affine/ridge, baselines; "
+                   help="which rows get zero-shot: all, main (dense, slimllm recovery modes, baselines; "
                         "not the ablations) or none")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (pruning, perplexity)")
     p.add_argument("--zs-batch-size", type=int, default=16, help="lm-eval batch size")

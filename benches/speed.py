@@ -14,7 +14,7 @@ inference speed of the pruned models.
    (``slimllm.evaluation.evaluate.compare_speed``: shared prompt, interleaved timed repeats, medians), the
    pruned models loaded back from their saved folders.
 
-    python benches/speed.py                  # 20% and 50%, affine recovery
+    python benches/speed.py                  # 20% and 50%, default (ridge-delta) recovery
     python benches/speed.py --quick          # smoke run
 """
 
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M GGUF)")
     p.add_argument("--out", default="bench-out", help="output folder")
     p.add_argument("--ratios", default="0.2,0.5")
-    p.add_argument("--recovery", default="affine", choices=["affine", "ridge", "ridge-delta", "none"])
+    p.add_argument("--recovery", default="ridge-delta", choices=["affine", "ridge", "ridge-delta", "none"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--calib", default=None, help="calibration .jsonl (default: DATA/c4/c4_sample.jsonl)")
     p.add_argument("--num-samples", type=int, default=32)

@@ -101,8 +101,27 @@ def _fit(x, w, kept_cols, recovery, damp):
     return new_w, w @ mu - wt.T @ mu[kept_cols]
 
 
-def _masked_reference(dense, report, ids, recovery, damp):
-    """The dense model with pruned heads/channels zeroed and the recovery refitted in numpy."""
+def _held_out_damp(x, w, kept_cols, recovery, n_seq):
+    """Brute force of ``ridge_damp="auto"``: every damp of the grid fitted on the rows of the
+    sequences i % 4 != 3 of x (n_seq sequences, sequence-major rows), the one of least mean
+    squared error ||x_K W'^T + b - x W^T||^2 on the held-out rows (i % 4 == 3)."""
+    from slimllm.pruning.pipeline import HOLDOUT_EVERY, RIDGE_DAMP_GRID
+
+    seq = np.repeat(np.arange(n_seq), len(x) // n_seq)
+    held = seq % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    errors = []
+    for damp in RIDGE_DAMP_GRID:
+        new_w, bias = _fit(x[~held], w, kept_cols, recovery, damp)
+        r = x[held] @ new_w.T + bias - x[held] @ w.T
+        errors.append(float(np.mean(np.sum(r**2, axis=1))))
+    best = int(np.argmin(errors))
+    assert sorted(errors)[1] > errors[best] * (1 + 1e-6)  # a clear minimum, no near-tie
+    return RIDGE_DAMP_GRID[best]
+
+
+def _masked_reference(dense, report, ids, recovery, damp, chosen=None):
+    """The dense model with pruned heads/channels zeroed and the recovery refitted in numpy.
+    ``damp="auto"``: chosen per projection by :func:`_held_out_damp` (appended to ``chosen``)."""
     ref = copy.deepcopy(dense)
     adapter = get_adapter(ref)
     for layer, entry in zip(adapter.layers(ref), report["layers"]):
@@ -116,7 +135,11 @@ def _masked_reference(dense, report, ids, recovery, damp):
                 continue
             x = _capture(ref, linear, ids)
             w = linear.weight.detach().double().numpy()
-            new_w, bias = _fit(x, w, np.asarray(kept_cols), recovery, damp)
+            lam = damp
+            if damp == "auto":
+                lam = _held_out_damp(x, w, np.asarray(kept_cols), recovery, len(ids))
+                chosen.append(lam)
+            new_w, bias = _fit(x, w, np.asarray(kept_cols), recovery, lam)
             old_bias = linear.bias
             with torch.no_grad():
                 linear.weight.copy_(torch.from_numpy(new_w))
@@ -170,10 +193,41 @@ def test_sliced_model_equals_masked_model(make_tiny_model, case, recovery):
     assert out.shape == (1, 9)
 
 
+@pytest.mark.parametrize("recovery", ["ridge", "ridge-delta"])
+def test_auto_damp_minimises_held_out_error(make_tiny_model, recovery):
+    """ridge_damp="auto": each projection's damp is the grid value of least held-out error
+    (brute force over the grid on materialised activations, layer after layer on the masked
+    model), refitted on every sequence: the sliced model equals that masked model."""
+    dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=3)
+    calib = _ids(dense.config.vocab_size, n=10, length=24, seed=11)
+    config = PruneConfig(ratio=0.3, recovery=recovery, ridge_damp="auto", batch_size=3,
+                         progress=False)
+    model, report = prune_model(copy.deepcopy(dense), None, calib, config)
+    chosen: list = []
+    ref = _masked_reference(dense, report, calib, recovery, "auto", chosen)
+    recorded = [e[key] for e in report["layers"]
+                for key in ("o_proj_ridge_damp", "down_proj_ridge_damp") if key in e]
+    assert recorded == chosen and len(chosen) >= 4
+    probe = _ids(dense.config.vocab_size, n=2, seed=9)
+    torch.testing.assert_close(_logits(model, probe), _logits(ref, probe), rtol=1e-4, atol=2e-5)
+
+
+def test_auto_damp_needs_held_out_sequences(make_tiny_model):
+    model = make_tiny_model("llama", num_heads=4, num_kv_heads=2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CalibrationError, match="at least 4 sequences, got 3"):
+        prune_model(model, None, _ids(model.config.vocab_size, n=3),
+                    PruneConfig(ratio=0.2, recovery="ridge-delta", ridge_damp="auto",
+                                progress=False))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 def test_kv_group_mode_equals_masked_model(make_tiny_model):
     dense = make_tiny_model("llama", num_heads=8, num_kv_heads=4, layers=2)
     calib = _ids(dense.config.vocab_size, seed=2)
-    config = PruneConfig(ratio=0.3, head_mode="kv-group", batch_size=3, progress=False)
+    config = PruneConfig(ratio=0.3, head_mode="kv-group", recovery="affine", batch_size=3,
+                         progress=False)
     model, report = prune_model(copy.deepcopy(dense), None, calib, config)
     for entry in report["layers"]:
         if entry["heads_removed"]:
@@ -192,7 +246,8 @@ def test_affine_o_proj_fit_equals_polyfit(make_tiny_model):
     dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
     calib = _ids(dense.config.vocab_size, n=5, length=20, seed=3)
     model, report = prune_model(copy.deepcopy(dense), None, calib,
-                                PruneConfig(ratio=0.3, batch_size=2, progress=False))
+                                PruneConfig(ratio=0.3, recovery="affine", batch_size=2,
+                                            progress=False))
     entry = report["layers"][0]
     assert entry["heads_removed"] > 0
     o_dense = dense.model.layers[0].self_attn.o_proj
@@ -401,7 +456,7 @@ def test_float16_activations_whose_squares_overflow_stay_exact_in_float64(make_t
         assert x.dtype == torch.float16 and torch.isfinite(x).all()
         assert torch.isinf(x * x).any() and torch.isinf((x * x).sum(0)).any()
 
-    config = PruneConfig(layer_ratios=[0.5], batch_size=4, progress=False)
+    config = PruneConfig(layer_ratios=[0.5], recovery="affine", batch_size=4, progress=False)
     model, report = prune_model(copy.deepcopy(dense), None, ids, config)
     entry = report["layers"][0]
     assert entry["heads_removed"] == 2 and entry["channels_removed"] == 48
@@ -555,6 +610,35 @@ def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_toke
     assert both.returncode == 2 and "one calibration source" in both.stderr
 
 
+def test_cli_ridge_damp_auto(make_tiny_model, tiny_tokenizer, tmp_path):
+    """--ridge-damp auto reaches the pipeline (each recovered projection records the grid value
+    it chose, as the in-memory prune does); a damp that is neither a number nor 'auto' exits 2
+    before anything is written."""
+    from slimllm.pruning.calibration import self_generated
+    from slimllm.pruning.pipeline import RIDGE_DAMP_GRID
+
+    dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
+    src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
+    out = tmp_path / "pruned"
+    args = ("--model", src, "--ratio", 0.25, "--num-samples", 8, "--seq-len", 16,
+            "--batch-size", 4, "--seed", 1, "--recovery", "ridge-delta", "--no-progress")
+    run = _cli(*args, "--output", out, "--ridge-damp", "auto")
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "slimllm_report.json").read_text())
+    damps = [e[k] for e in report["layers"] for k in ("o_proj_ridge_damp", "down_proj_ridge_damp")
+             if k in e]
+    calib = self_generated(dense, tiny_tokenizer, 8, 16, 1, batch_size=4)
+    _, mem = prune_model(copy.deepcopy(dense), tiny_tokenizer, calib,
+                         PruneConfig(ratio=0.25, batch_size=4, recovery="ridge-delta",
+                                     ridge_damp="auto", progress=False))
+    assert damps == [e[k] for e in mem["layers"] for k in ("o_proj_ridge_damp",
+                                                           "down_proj_ridge_damp") if k in e]
+    assert len(damps) >= 2 and set(damps) <= set(RIDGE_DAMP_GRID)
+    bad = _cli(*args, "--output", tmp_path / "bad", "--ridge-damp", "high")
+    assert bad.returncode == 2 and "expected a number or 'auto', got 'high'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("arch", ["llama", "granite"])
 def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path, arch):
     from slimllm.io.checkpoint import load_pruned, save_pruned
@@ -585,7 +669,8 @@ def test_cli_bad_input_leaves_no_output(make_tiny_model, tiny_tokenizer, tmp_pat
     src = _save_tiny(make_tiny_model("llama"), tiny_tokenizer, tmp_path / "dense")
     calib_file = _calib_text(tmp_path / "calib.txt", repeats=3)
     out = tmp_path / "pruned"
-    args = ["--model", src, "--output", out, "--calib-file", calib_file, "--num-samples", 2,
+    # 4 sequences: the default ridge_damp="auto" holds out every 4th one
+    args = ["--model", src, "--output", out, "--calib-file", calib_file, "--num-samples", 4,
             "--seq-len", 16, "--no-progress", *extra]
     run = _cli(*args)
     assert run.returncode == 2, run.stderr

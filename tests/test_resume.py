@@ -57,7 +57,7 @@ def _same_report_layers(a: dict, b: dict) -> None:
 @pytest.mark.parametrize(
     "arch, heads, kv, config",
     [
-        ("llama", 4, 2, dict(ratio=0.3)),
+        ("llama", 4, 2, dict(ratio=0.3, recovery="affine")),
         ("qwen2", 4, 2, dict(ratio=0.3, recovery="ridge")),  # q/k/v biases + new biases
         ("llama", 8, 4, dict(ratio=0.3, head_mode="kv-group", recovery="none")),
         ("qwen3", 4, 4, dict(ratio=0.25, recovery="ridge-delta")),  # MHA

@@ -29,6 +29,15 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _damp(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``prune`` (every default shown by ``--help``)."""
     from slimllm.pruning.pipeline import PruneConfig
@@ -78,13 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the greedy head swap of the paper's Algorithm 1 (ablation)")
     method.add_argument("--recovery", choices=["affine", "ridge", "ridge-delta", "none"],
                         default=d["recovery"].default,
-                        help="output recovery of o_proj/down_proj: per-coordinate affine fit "
-                             "(paper); 'ridge': ridge re-fit of the kept columns (shrunk toward 0); "
-                             "'ridge-delta': the same least squares shrunk toward the original "
-                             "kept weights; or none. Every mode but none adds a bias")
-    method.add_argument("--ridge-damp", type=float, default=None,
+                        help="output recovery of o_proj/down_proj: 'ridge-delta' (default): "
+                             "least squares re-fit of the kept columns shrunk toward the original "
+                             "kept weights; 'ridge': the same shrunk toward 0; 'affine': "
+                             "per-coordinate affine fit (the paper's); or none. Every mode but "
+                             "none adds a bias")
+    method.add_argument("--ridge-damp", type=_damp, default=None, metavar="LAMBDA|auto",
                         help="ridge lambda as a fraction of mean(diag C_KK); default 0.01 for "
-                             "ridge, 1.0 for ridge-delta")
+                             "ridge, auto for ridge-delta; 'auto' picks it per projection by "
+                             "the error on held-out calibration sequences (every 4th)")
     method.add_argument("--protect-lowest", type=float, default=d["protect_lowest"].default,
                         help="fraction of lowest-scoring MLP channels kept before pruning the next "
                              "ones (paper quirk; 0 disables)")

@@ -15,7 +15,7 @@ the style of a sequential (SparseGPT-like) pipeline:
 
    - pass 1: forward up to the o_proj input, streamed into ``_core.Moments`` (D); heads are
      ranked and chosen (``head_pair_stats``, ``select_heads``), the o_proj recovery is fitted
-     from the same moments (affine or ridge) and the attention is sliced;
+     from the same moments (ridge-delta, ridge or affine) and the attention is sliced;
    - pass 2: the block runs with the pruned attention (its o_proj applied to the stored pass-1
      inputs, the rest of the attention is not recomputed); hooks stream the MLP input
      (``SquareSums`` d), the down_proj input a = act(gate x) * up x (``SquareSums`` F, and
@@ -62,8 +62,14 @@ from slimllm.pruning.ratios import (
 __all__ = ["PruneConfig", "prune_model", "RECOVERY_MODES"]
 
 RECOVERY_MODES = ("affine", "ridge", "ridge-delta", "none")
-#: default ridge_damp per recovery mode (measured on SmolLM2-135M at 20%, WikiText-2 PPL@128)
-DEFAULT_RIDGE_DAMP = {"ridge": 0.01, "ridge-delta": 1.0}
+#: default ridge_damp per recovery mode (measured on SmolLM2-135M at 20%, WikiText-2 PPL@128,
+#: benches/README.md "Default recovery")
+DEFAULT_RIDGE_DAMP = {"ridge": 0.01, "ridge-delta": "auto"}
+#: ridge_damp values searched per projection with ``ridge_damp="auto"``
+RIDGE_DAMP_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+#: with ``ridge_damp="auto"``, calibration sequences i with i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+#: are held out to choose the damping
+HOLDOUT_EVERY = 4
 
 
 @dataclass
@@ -81,13 +87,19 @@ class PruneConfig:
         head_mode: ``"uniform"`` (same number of query heads removed from every KV group) or
             ``"kv-group"`` (whole KV groups removed, k_proj/v_proj rows too).
         greedy: run the paper's greedy head swap (Algorithm 1) after the score ranking.
-        recovery: ``"affine"`` (per-coordinate scale + bias, paper default), ``"ridge"``
-            (ridge re-fit of o_proj / down_proj over the kept inputs, DESIGN.md section 2),
-            ``"ridge-delta"`` (the same least squares, regularised toward the original kept
-            weights instead of toward zero) or ``"none"``.
+        recovery: ``"ridge-delta"`` (default: the least squares re-fit of o_proj /
+            down_proj over the kept inputs, DESIGN.md section 2, regularised toward the
+            original kept weights instead of toward zero), ``"affine"`` (per-coordinate scale
+            + bias, the paper's recovery), ``"ridge"`` (the re-fit shrunk toward zero) or
+            ``"none"``. ridge-delta is the default because it measured lowest on SmolLM2-135M
+            at 20% over calibration seeds 0-2 (benches/README.md "Default recovery").
         ridge_damp: ridge lambda relative to mean(diag C_KK) (DESIGN.md section 2); None
-            picks the mode's default (:data:`DEFAULT_RIDGE_DAMP`: 0.01 for ridge, 1.0 for
-            ridge-delta).
+            picks the mode's default (:data:`DEFAULT_RIDGE_DAMP`: 0.01 for ridge, ``"auto"``
+            for ridge-delta). ``"auto"``: chosen per projection from :data:`RIDGE_DAMP_GRID` by
+            the reconstruction error on held-out calibration sequences (every
+            :data:`HOLDOUT_EVERY`-th one; the fits of the grid use the others), then refitted
+            on all sequences with the chosen value (recorded per layer in the report as
+            ``o_proj_ridge_damp`` / ``down_proj_ridge_damp``).
         protect_lowest: fraction of the lowest-scoring channels kept before pruning the next
             ones (paper quirk, 0.01).
         channel_multiple: channels are removed in multiples of this (1, 8, 64, 128, ...).
@@ -102,8 +114,8 @@ class PruneConfig:
     alpha: float = 10.0
     head_mode: str = "uniform"
     greedy: bool = True
-    recovery: str = "affine"
-    ridge_damp: float | None = None
+    recovery: str = "ridge-delta"
+    ridge_damp: float | str | None = None
     protect_lowest: float = 0.01
     channel_multiple: int = 1
     device: str = "cpu"
@@ -157,8 +169,9 @@ class PruneConfig:
             raise ConfigError(
                 f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.recovery!r}"
             )
-        number("ridge_damp", self.ridge_damp, allow_none=True)
-        if self.ridge_damp is not None and self.ridge_damp < 0:
+        if self.ridge_damp != "auto":
+            number("ridge_damp", self.ridge_damp, allow_none=True)
+        if self.ridge_damp not in (None, "auto") and self.ridge_damp < 0:
             raise ConfigError(f"ridge_damp must be >= 0, got {self.ridge_damp}")
         number("protect_lowest", self.protect_lowest)
         if not 0 <= self.protect_lowest < 1:
@@ -474,6 +487,12 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
     total_params = count_parameters(model)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     chunks, calib_desc = _calibration_chunks(calibration_batches, config.batch_size, vocab)
+    if _auto_damp(config) and calib_desc["num_samples"] < HOLDOUT_EVERY:
+        raise CalibrationError(
+            f'ridge_damp="auto" holds out every {HOLDOUT_EVERY}th calibration sequence: needs at '
+            f"least {HOLDOUT_EVERY} sequences, got {calib_desc['num_samples']}; give more "
+            "calibration sequences or a numeric ridge_damp (e.g. --ridge-damp 1.0)"
+        )
     device = torch.device(config.device)
 
     report: dict = {
@@ -702,20 +721,23 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
     # ---- pass 1: o_proj inputs ----------------------------------------------------------------
     o_inputs: list = []
     attn_outs: list = []
+    held = _held_out_rows(h) if _auto_damp(config) else None
+    state = {"chunk": 0}
     if prune_heads:
-        moments = _core.Moments(D)
+        o_stats = _InputMoments(D, held)
 
         def o_pre(_module, args):
             x = args[0]
             with timings("statistics"), _context(f"layer {i}, o_proj input"):
-                moments.update(_np(x))
+                o_stats.update(state["chunk"], _np(x))
             o_inputs.append(x.detach())
             raise _Stop
 
         handle = attn.o_proj.register_forward_pre_hook(o_pre)
         try:
             with timings("forward"):
-                for x, kw in zip(h, kws):
+                for c, (x, kw) in enumerate(zip(h, kws)):
+                    state["chunk"] = c
                     try:
                         _run_layer(layer, x, kw)
                     except _Stop:
@@ -727,6 +749,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
         w_o64 = _np64(w_o)
         old_o_bias = None if attn.o_proj.bias is None else _np64(attn.o_proj.bias)
         with timings("ranking"), _context(f"layer {i}, o_proj input covariance"):
+            moments = o_stats.all()
             cov = moments.covariance()
             m = _core.head_pair_stats(cov, w_o64, H)
         g = H // G
@@ -752,7 +775,8 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
                 weight = w_o64[:, cols] * np.asarray(scale)[:, None]
                 bias = np.asarray(fit_bias)
             elif config.recovery in ("ridge", "ridge-delta"):
-                weight, bias = _ridge(moments, w_o64, cols, config)
+                weight, bias, damp = _ridge(o_stats, w_o64, cols, config)
+                info["o_proj_ridge_damp"] = damp
             if bias is not None and old_o_bias is not None:
                 bias = bias + old_o_bias
         with timings("slicing"):
@@ -763,7 +787,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
                 slicing.set_linear(
                     attn.o_proj, weight=_tensor_like(weight, w_o), bias=_tensor_like(bias, w_o)
                 )
-        del moments, cov
+        del moments, cov, o_stats
         info.update(
             kept_heads=kept_heads,
             kept_kv_heads=kept_kv,
@@ -774,7 +798,6 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
         cols_t = torch.as_tensor(cols, dtype=torch.long, device=o_inputs[0].device)
 
     # ---- pass 2: MLP statistics with the pruned attention --------------------------------------
-    state = {"chunk": 0}
 
     def attn_from_inputs(*args, **kwargs):
         x = o_inputs[state["chunk"]]
@@ -791,7 +814,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
     if prune_channels:
         in_sq = _core.SquareSums(d)
         act_sq = _core.SquareSums(Fi)
-        act_mom = _core.Moments(Fi) if config.recovery.startswith("ridge") else None
+        act_mom = _InputMoments(Fi, held) if config.recovery.startswith("ridge") else None
         y_mom = _core.Moments(d)
         down = mlp.down_proj
         old_down_bias = down.bias.detach().clone() if down.bias is not None else None
@@ -806,7 +829,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
                 arr = _np(a)
                 act_sq.update(arr)
                 if act_mom is not None:
-                    act_mom.update(arr)
+                    act_mom.update(state["chunk"], arr)
             acts.append(a.detach())
 
         def down_post(_module, _args, out):
@@ -864,7 +887,8 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
         y_rec: list = []
         if config.recovery.startswith("ridge"):
             with timings("regression"), _context(f"layer {i}, down_proj recovery"):
-                weight, bias = _ridge(act_mom, w_down64, kept_ch, config)
+                weight, bias, damp = _ridge(act_mom, w_down64, kept_ch, config)
+                info["down_proj_ridge_damp"] = damp
                 if old_down_bias is not None:
                     bias = bias + _np64(old_down_bias)
             with timings("slicing"):
@@ -929,23 +953,111 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
     return outs, info
 
 
-def _ridge(moments, w64: np.ndarray, kept_cols: np.ndarray, config: PruneConfig):
+def _auto_damp(config: PruneConfig) -> bool:
+    """Whether the ridge damping is chosen from held-out calibration data."""
+    return config.ridge_damp == "auto" and config.recovery.startswith("ridge")
+
+
+def _held_out_rows(h: list) -> list:
+    """Per calibration chunk of ``h`` (each (sequences, tokens, hidden)), a boolean array over
+    its flattened (sequences x tokens) rows: True for the tokens of held-out sequences (global
+    sequence index i with i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)."""
+    rows, start = [], 0
+    for x in h:
+        b, t = x.shape[0], x.shape[1]
+        seq = np.arange(start, start + b)
+        rows.append(np.repeat(seq % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, t))
+        start += b
+    return rows
+
+
+class _InputMoments:
+    """Moments of a projection's input over the calibration tokens. Without a held-out split
+    (``held=None``) one accumulator, ``fit``, sees every row; with one, ``fit`` sees the
+    fitting rows and ``held`` the held-out ones, and :meth:`all` merges them."""
+
+    def __init__(self, dim: int, held: list | None):
+        self._rows = held
+        self.fit = _core.Moments(dim)
+        self.held = None if held is None else _core.Moments(dim)
+        self._all = None
+
+    def update(self, chunk: int, arr: np.ndarray) -> None:
+        """Add the (tokens, dim) rows of calibration chunk ``chunk``."""
+        if self.held is None:
+            self.fit.update(arr)
+            return
+        mask = self._rows[chunk]
+        for acc, part in ((self.fit, arr[~mask]), (self.held, arr[mask])):
+            if len(part):
+                acc.update(np.ascontiguousarray(part))
+
+    def all(self):
+        """The ``Moments`` of every row seen (the held-out split merged back)."""
+        if self.held is None:
+            return self.fit
+        if self._all is None:
+            self._all = _core.Moments(self.fit.dim)
+            self._all.merge(self.fit)
+            self._all.merge(self.held)
+        return self._all
+
+
+def _held_out_error(moments, w64: np.ndarray, kept_cols, weight: np.ndarray, bias: np.ndarray,
+                   cov: np.ndarray | None = None) -> float:
+    """Mean squared reconstruction error of a recovered projection on the rows of ``moments``.
+
+    E ||x_K W'^T + b - x W^T||^2 = tr(A C A^T) + ||A mu + b||^2 with A = W' (on the kept
+    columns, zero elsewhere) - W, mu and C the mean and population covariance of ``moments``
+    (DESIGN.md section 2).
+
+    Args:
+        moments: ``_core.Moments`` of the inputs x (dim D_in).
+        w64: the original weight W, float64 (d_out, D_in).
+        kept_cols: int indices (|K|,) of the kept input columns, in the order of ``weight``.
+        weight: recovered W', float64 (d_out, |K|); bias: b, float64 (d_out,).
+        cov: ``moments.covariance()`` if already computed (D_in, D_in).
+
+    Returns:
+        the error per token, summed over the d_out outputs (squared units of the output).
+    """
+    a = -w64
+    a[:, np.asarray(kept_cols, dtype=np.int64)] += weight
+    c = np.asarray(moments.covariance()) if cov is None else cov
+    r = a @ np.asarray(moments.mean()) + bias
+    return float(np.einsum("ij,ij->", a @ c, a) + r @ r)
+
+
+def _ridge(stats: _InputMoments, w64: np.ndarray, kept_cols: np.ndarray, config: PruneConfig):
     """Ridge recovery of a projection ``w64`` (d_out, D_in) restricted to ``kept_cols``.
 
     ``ridge`` (DESIGN.md section 2): W' = argmin ||x_K W'^T + b - W x||^2 + lam ||W'||^2.
     ``ridge-delta``: W' = W_K + Delta with Delta = argmin ||x_K Delta^T + b - W_P x_P||^2 +
     lam ||Delta||^2, i.e. the same least squares shrunk toward the original kept weights
     instead of toward zero (identical at lam = 0); computed by the same core call on W with the
-    kept columns zeroed. Returns float64 (weight (d_out, |K|), bias (d_out,)), bias-free fit.
+    kept columns zeroed. With a held-out split (``ridge_damp="auto"``) every damp of
+    :data:`RIDGE_DAMP_GRID` is fitted on ``stats.fit``, the one of least
+    :func:`_held_out_error` on ``stats.held`` (first on ties) is refitted on all rows.
+    Returns float64 (weight (d_out, |K|), bias (d_out,)), bias-free fit, and the damp used.
     """
     kept = np.asarray(kept_cols, dtype=np.int64)
+    target = w64
     if config.recovery == "ridge-delta":
         target = w64.copy()
         target[:, kept] = 0.0
-        delta, bias = _core.ridge_reconstruct(moments, target, kept.tolist(), config.ridge_damp)
-        return w64[:, kept] + np.asarray(delta), np.asarray(bias)
-    weight, bias = _core.ridge_reconstruct(moments, w64, kept.tolist(), config.ridge_damp)
-    return np.asarray(weight), np.asarray(bias)
+
+    def fit(moments, damp):
+        weight, bias = _core.ridge_reconstruct(moments, target, kept.tolist(), damp)
+        weight = np.asarray(weight)
+        return (w64[:, kept] + weight if config.recovery == "ridge-delta" else weight), np.asarray(bias)
+
+    if stats.held is None:
+        return (*fit(stats.fit, config.ridge_damp), config.ridge_damp)
+    cov = np.asarray(stats.held.covariance())
+    errors = [_held_out_error(stats.held, w64, kept, *fit(stats.fit, d), cov=cov)
+              for d in RIDGE_DAMP_GRID]
+    damp = RIDGE_DAMP_GRID[int(np.argmin(errors))]
+    return (*fit(stats.all(), damp), damp)
 
 
 @contextmanager
