@@ -9,7 +9,9 @@ Rows (every pruned model is a real smaller model, measured at its achieved param
   ``slimllm affine`` (the paper's recovery);
 - ablations of the default through ``PruneConfig``: ``no greedy`` (``greedy=False``),
   ``recovery none``, ``protect_lowest 0``, ``uniform ratios`` (``alpha=0``: the softmax
-  allocation gives every layer the same ratio R, still searched to the same target);
+  allocation gives every layer the same ratio R, still searched to the same target),
+  ``block target`` (``recovery_target="block"``: down_proj re-fitted against the dense block
+  output);
 - baselines from benches/baselines.py (uniform per-layer counts): ``magnitude-sp``,
   ``wanda-sp``, ``flap``.
 
@@ -54,6 +56,7 @@ SLIMLLM_VARIANTS: dict[str, dict] = {
     "abl: recovery none": {"recovery": "none"},
     "abl: protect_lowest 0": {"protect_lowest": 0.0},
     "abl: uniform ratios": {"alpha": 0.0},
+    "abl: block target": {"recovery_target": "block"},
 }
 BASELINES = {"magnitude-sp": "magnitude", "wanda-sp": "wanda", "flap": "flap"}
 ALL_METHODS = ["dense", *SLIMLLM_VARIANTS, *BASELINES]
@@ -68,6 +71,7 @@ SHORT = {
     "no-recovery": "abl: recovery none",
     "protect0": "abl: protect_lowest 0",
     "uniform": "abl: uniform ratios",
+    "block-target": "abl: block target",
     "magnitude": "magnitude-sp",
     "wanda": "wanda-sp",
     "flap": "flap",

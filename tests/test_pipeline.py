@@ -212,6 +212,69 @@ def test_auto_damp_minimises_held_out_error(make_tiny_model, recovery):
     torch.testing.assert_close(_logits(model, probe), _logits(ref, probe), rtol=1e-4, atol=2e-5)
 
 
+def _block_io(model, layer_idx, ids):
+    """Materialised (tokens, hidden) float64 input, MLP output and output of one block."""
+    layer = get_adapter(model).layers(model)[layer_idx]
+    seen = {}
+
+    def pre(_m, args, kwargs):
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def mlp_out(_m, _args, out):
+        seen["mlp"] = out.detach()
+
+    def out(_m, _args, result):
+        seen["y"] = (result[0] if isinstance(result, tuple) else result).detach()
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True),
+               layer.mlp.register_forward_hook(mlp_out), layer.register_forward_hook(out)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.reshape(-1, v.shape[-1]).double() for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "granite"])
+def test_block_target_fits_dense_block_output(make_tiny_model, arch):
+    """recovery_target="block" on layer 0 (dense inputs): the recovered down_proj (weight and
+    bias) is the least-squares fit of (bf16 dense block output - h_mid) / m on the kept
+    channels, h_mid the pruned block's output before the MLP (lstsq brute force, damp ~0), and
+    its block error is below that of the projection target."""
+    dense = make_tiny_model(arch, num_heads=4, num_kv_heads=2, layers=2)
+    m = getattr(dense.config, "residual_multiplier", 1.0)  # granite's tiny config: 0.5
+    calib = _ids(dense.config.vocab_size, n=10, length=24, seed=4)
+    errors = {}
+    for target in ("block", "projection"):
+        config = PruneConfig(layer_ratios=(0.4, 0.0), recovery="ridge", ridge_damp=1e-9,
+                             recovery_target=target, batch_size=3, progress=False)
+        model, report = prune_model(copy.deepcopy(dense), None, calib, config)
+        assert report["layers"][0]["channels_removed"] > 0
+        ref = _block_io(dense, 0, calib)["y"].float().bfloat16().double()
+        got = _block_io(model, 0, calib)
+        errors[target] = float(((got["y"] - ref) ** 2).sum())
+        if target == "block":
+            h_mid = got["y"] - m * got["mlp"]
+            down = model.model.layers[0].mlp.down_proj
+            a = _capture(model, down, calib)
+            design = np.hstack([a, np.ones((len(a), 1))])
+            sol = np.linalg.lstsq(design, ((ref - h_mid) / m).numpy(), rcond=None)[0]
+            np.testing.assert_allclose(down.weight.detach().double().numpy(), sol[:-1].T,
+                                       rtol=1e-3, atol=1e-4)
+            np.testing.assert_allclose(down.bias.detach().double().numpy(), sol[-1],
+                                       rtol=1e-3, atol=1e-4)
+    assert errors["block"] < errors["projection"]
+
+
+def test_block_target_needs_ridge():
+    with pytest.raises(ConfigError, match='recovery_target="block" needs a ridge recovery'):
+        PruneConfig(ratio=0.2, recovery="affine", recovery_target="block")
+    with pytest.raises(ConfigError, match="recovery_target must be one of projection, block"):
+        PruneConfig(ratio=0.2, recovery_target="dense")
+
+
 def test_auto_damp_needs_held_out_sequences(make_tiny_model):
     model = make_tiny_model("llama", num_heads=4, num_kv_heads=2)
     before = copy.deepcopy(model.state_dict())

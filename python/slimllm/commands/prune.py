@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ridge lambda as a fraction of mean(diag C_KK); default 0.01 for "
                              "ridge, auto for ridge-delta; 'auto' picks it per projection by "
                              "the error on held-out calibration sequences (every 4th)")
+    method.add_argument("--recovery-target", choices=["projection", "block"],
+                        default=d["recovery_target"].default,
+                        help="what the down_proj re-fit reproduces: its own dense output "
+                             "('projection') or the dense model's block output ('block': it "
+                             "also absorbs the attention's and earlier blocks' error); ridge "
+                             "modes only")
     method.add_argument("--protect-lowest", type=float, default=d["protect_lowest"].default,
                         help="fraction of lowest-scoring MLP channels kept before pruning the next "
                              "ones (paper quirk; 0 disables)")
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         recovery=args.recovery,
         ridge_damp=args.ridge_damp,
+        recovery_target=args.recovery_target,
         protect_lowest=args.protect_lowest,
         channel_multiple=args.channel_multiple,
         device=args.device,

@@ -22,6 +22,8 @@ the style of a sequential (SparseGPT-like) pipeline:
      ``Moments`` F for ridge) and the bias-free MLP output (``Moments`` d); channels are scored
      and chosen (``channel_scores``, ``select_channels``); the affine recovery streams
      pruned vs full MLP outputs (from the stored a) into ``PairedMoments``; the MLP is sliced;
+     with ``recovery_target="block"`` the down_proj moments also carry the block's error
+     against the dense block output, which the re-fit then reproduces;
    - pass 3: the block's outputs with both parts pruned (attention and MLP results fed from
      the stored tensors, so only norms and residual adds run) are the next block's inputs.
 
@@ -62,6 +64,10 @@ from slimllm.pruning.ratios import (
 __all__ = ["PruneConfig", "prune_model", "RECOVERY_MODES"]
 
 RECOVERY_MODES = ("affine", "ridge", "ridge-delta", "none")
+#: what the down_proj recovery reproduces: its own dense output on the block's (pruned-path)
+#: inputs, or the dense model's block output (so it also absorbs the attention's and the
+#: earlier blocks' error)
+RECOVERY_TARGETS = ("projection", "block")
 #: default ridge_damp per recovery mode (measured on SmolLM2-135M at 20%, WikiText-2 PPL@128,
 #: benches/README.md "Default recovery")
 DEFAULT_RIDGE_DAMP = {"ridge": 0.01, "ridge-delta": "auto"}
@@ -93,6 +99,12 @@ class PruneConfig:
             + bias, the paper's recovery), ``"ridge"`` (the re-fit shrunk toward zero) or
             ``"none"``. ridge-delta is the default because it measured lowest on SmolLM2-135M
             at 20% over calibration seeds 0-2 (benches/README.md "Default recovery").
+        recovery_target: ``"projection"`` (default): the down_proj re-fit reproduces the full
+            down_proj's output on the same inputs; ``"block"``: it reproduces the dense model's
+            output of the whole block minus the pruned block's output before the MLP, i.e. the
+            MLP's re-fit also absorbs the error of the pruned attention and of the blocks
+            before (the residual stream is what the next block sees). Ridge modes only; not for
+            families with a norm after the MLP (the MLP output is then not additive).
         ridge_damp: ridge lambda relative to mean(diag C_KK) (DESIGN.md section 2); None
             picks the mode's default (:data:`DEFAULT_RIDGE_DAMP`: 0.01 for ridge, ``"auto"``
             for ridge-delta). ``"auto"``: chosen per projection from :data:`RIDGE_DAMP_GRID` by
@@ -116,6 +128,7 @@ class PruneConfig:
     greedy: bool = True
     recovery: str = "ridge-delta"
     ridge_damp: float | str | None = None
+    recovery_target: str = "projection"
     protect_lowest: float = 0.01
     channel_multiple: int = 1
     device: str = "cpu"
@@ -168,6 +181,16 @@ class PruneConfig:
         if self.recovery not in RECOVERY_MODES:
             raise ConfigError(
                 f"recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.recovery!r}"
+            )
+        if self.recovery_target not in RECOVERY_TARGETS:
+            raise ConfigError(
+                f"recovery_target must be one of {', '.join(RECOVERY_TARGETS)}, "
+                f"got {self.recovery_target!r}"
+            )
+        if self.recovery_target == "block" and not self.recovery.startswith("ridge"):
+            raise ConfigError(
+                f'recovery_target="block" needs a ridge recovery (ridge or ridge-delta), '
+                f"got recovery={self.recovery!r}"
             )
         if self.ridge_damp != "auto":
             number("ridge_damp", self.ridge_damp, allow_none=True)
@@ -613,11 +636,14 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         home = _layer_device(layer)
         layer.to(device)
         entry = _layer_entry(p, spec)
+        reference = state.dense(i) if state is not None else dense_out[i]
+        target = None
+        if config.recovery_target == "block":
+            target = (reference, _mlp_residual_scale(model, layer))
         h, info = _prune_block(i, layer, adapter, slicing, p, spec, h, block_kwargs[i], config,
-                               timings)
+                               timings, target)
         entry.update(info)
         # drift: pruned block output vs the dense model's output of the same block
-        reference = state.dense(i) if state is not None else dense_out[i]
         total, count = 0.0, 0
         for y, d in zip(h, reference, strict=True):
             s, k = _mean_cos(y, d.to(y.device))
@@ -696,8 +722,23 @@ def _restore_block(adapter, slicing, layer, entry, tensors):
     layer.load_state_dict(tensors, strict=True)
 
 
-def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
-    """Prune block i in place; returns (next block inputs, report fields)."""
+def _mlp_residual_scale(model, layer) -> float:
+    """m in block_out = h_mid + m * mlp_out (granite's ``residual_multiplier``, else 1), for
+    ``recovery_target="block"``; ConfigError for a block whose MLP output is normed before the
+    residual add (then no linear target exists)."""
+    if any(hasattr(layer, name) for name in ("post_feedforward_layernorm", "post_mlp_layernorm")):
+        raise ConfigError(
+            f'recovery_target="block" needs the MLP output added to the residual stream as is; '
+            f"{type(layer).__name__} norms it first"
+        )
+    return float(getattr(model.config, "residual_multiplier", 1.0) or 1.0)
+
+
+def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, target=None):
+    """Prune block i in place; returns (next block inputs, report fields).
+
+    ``target``: None, or (the dense model's outputs of this block per chunk, m) for
+    ``recovery_target="block"`` (see :func:`_mlp_residual_scale`)."""
     attn = adapter.attention(layer)
     mlp = adapter.mlp(layer)
     H, G, hd, Fi = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
@@ -814,7 +855,10 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
     if prune_channels:
         in_sq = _core.SquareSums(d)
         act_sq = _core.SquareSums(Fi)
-        act_mom = _InputMoments(Fi, held) if config.recovery.startswith("ridge") else None
+        # recovery_target="block": the down_proj fit sees [a, e] with e = (dense block output -
+        # pruned block output with the full MLP) / m, its target W_down a + e (see _ridge)
+        act_dim = Fi + d if target is not None else Fi
+        act_mom = _InputMoments(act_dim, held) if config.recovery.startswith("ridge") else None
         y_mom = _core.Moments(d)
         down = mlp.down_proj
         old_down_bias = down.bias.detach().clone() if down.bias is not None else None
@@ -828,7 +872,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
             with timings("statistics"), _context(f"layer {i}, down_proj input"):
                 arr = _np(a)
                 act_sq.update(arr)
-                if act_mom is not None:
+                if act_mom is not None and target is None:
                     act_mom.update(state["chunk"], arr)
             acts.append(a.detach())
 
@@ -852,6 +896,11 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
             for c, (x, kw) in enumerate(zip(h, kws)):
                 state["chunk"] = c
                 block_outs.append(_run_layer(layer, x, kw))
+                if prune_channels and act_mom is not None and target is not None:
+                    reference, scale = target
+                    err = (reference[c].to(block_outs[c]) - block_outs[c]) / scale
+                    with timings("statistics"), _context(f"layer {i}, block output error"):
+                        act_mom.update(c, np.concatenate([_np(acts[c]), _np(err)], axis=-1))
     finally:
         for hd_ in handles:
             hd_.remove()
@@ -887,7 +936,8 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings):
         y_rec: list = []
         if config.recovery.startswith("ridge"):
             with timings("regression"), _context(f"layer {i}, down_proj recovery"):
-                weight, bias, damp = _ridge(act_mom, w_down64, kept_ch, config)
+                w_fit = w_down64 if target is None else np.hstack([w_down64, np.eye(d)])
+                weight, bias, damp = _ridge(act_mom, w_fit, kept_ch, config)
                 info["down_proj_ridge_damp"] = damp
                 if old_down_bias is not None:
                     bias = bias + _np64(old_down_bias)
