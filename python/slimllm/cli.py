@@ -1,4 +1,4 @@
-"""Command line: ``python -m slimllm {prune,eval,inspect} ...``.
+"""Command line: ``python -m slimllm {prune,eval,inspect,export} ...``.
 
 Each subcommand lives in ``slimllm.commands.<name>`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; this module only dispatches. Errors of the ``SlimLLMError`` family are
@@ -17,6 +17,7 @@ COMMANDS = {
     "prune": "Prune attention heads and MLP channels of a causal LM and save the result.",
     "eval": "Measure perplexity, zero-shot accuracy and speed of a (pruned) model.",
     "inspect": "Show per-layer shapes, parameter counts and the pruning report of a saved model.",
+    "export": "Write a pruned model as a GGUF file that llama.cpp runs.",
 }
 
 
