@@ -12,7 +12,8 @@ What the two families add to the Llama layout, and where each is checked:
   sliding-window layers interleaved with global ones, q_norm / k_norm of size head_dim
   (gemma3_text): kept by slicing and by the saved config;
 - no biases in the stock layout: the recovery biases of o_proj / down_proj go to the per-layer
-  (remote-code) config, an o_proj bias alone fits the stock ``attention_bias`` flag.
+  (remote-code) config, an o_proj bias alone fits the stock ``attention_bias`` flag;
+- the multimodal ``gemma3`` (vision tower + text decoder) is refused with a typed error.
 
 The masked-model comparison over every recovery mode for gemma, gemma2 and gemma3_text is
 ``test_pipeline.py::test_sliced_model_equals_masked_model``; the per-layer round trip with
@@ -28,7 +29,7 @@ import pytest
 import torch
 import transformers
 
-from slimllm.errors import CheckpointError, ConfigError
+from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from slimllm.evaluation.inspection import inspect_folder
 from slimllm.families.adapters import get_adapter
 from slimllm.io import checkpoint
@@ -229,3 +230,24 @@ def test_inspect_reads_pruned_gemma_folder(make_tiny_model, tiny_tokenizer, tmp_
         assert x.attention_params == sum(p.numel() for p in layer.self_attn.parameters())
         assert x.norm_params == sum(p.numel() for n, p in layer.named_parameters() if "layernorm" in n)
     assert info.total_params == count_parameters(model)
+
+
+def test_multimodal_gemma3_is_refused_with_a_typed_error(tmp_path):
+    """Gemma3ForConditionalGeneration (model_type gemma3: vision tower + text decoder) has its
+    layers under model.language_model: refused by name before anything changes; as a folder,
+    its model_type is listed as unsupported, next to gemma3_text."""
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=HEAD_DIM)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitectureError, match="Gemma3ForConditionalGeneration has no decoder layers"):
+        prune_model(model, None, _tokens(290, n=2, length=12), PruneConfig(ratio=0.2, progress=False))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path / "mm")
+    with pytest.raises(UnsupportedArchitectureError, match="'gemma3' is not supported.*gemma3_text"):
+        checkpoint.load_model(tmp_path / "mm")

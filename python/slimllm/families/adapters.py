@@ -32,7 +32,8 @@ gemma2       Gemma 1's layout plus "sandwich" norms: ``post_attention_layernorm`
              are per-head or per-layer and do not depend on head or channel counts
 gemma3_text  Gemma 3 (text decoder, ``Gemma3ForCausalLM``): Gemma 2's layout plus
              ``q_norm``/``k_norm`` of size ``head_dim`` shared by all heads (as in qwen3)
-             and separate rotary embeddings for sliding and global layers
+             and separate rotary embeddings for sliding and global layers; the multimodal
+             ``gemma3`` (``Gemma3ForConditionalGeneration``) is not supported
 ===========  ============================================================================
 
 Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<family>``
