@@ -503,13 +503,14 @@ def _cli(*args):
                           capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
-def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("arch, head_dim", [("qwen3", 16), ("gemma2", 32)])
+def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path, arch, head_dim):
     """python -m slimllm prune on a saved tiny model; the folder reloads with the logits of the
     same prune done in memory, and the recovery biases survive."""
     from slimllm.pruning.calibration import load_calibration
     from slimllm.io.checkpoint import load_pruned
 
-    dense = make_tiny_model("qwen3", num_heads=4, num_kv_heads=2, tied=True, layers=2)
+    dense = make_tiny_model(arch, num_heads=4, num_kv_heads=2, tied=True, layers=2, head_dim=head_dim)
     src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
     calib_file = _calib_text(tmp_path / "calib.txt")
     out = tmp_path / "pruned"
@@ -530,7 +531,8 @@ def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path):
     ]
     probe = _ids(dense.config.vocab_size, n=2, seed=11)
     torch.testing.assert_close(_logits(reloaded, probe), _logits(model, probe), rtol=1e-5, atol=1e-6)
-    assert reloaded.model.layers[0].self_attn.o_proj.bias is not None
+    pruned = next(i for i, e in enumerate(report["layers"]) if e["heads_removed"])
+    assert reloaded.model.layers[pruned].self_attn.o_proj.bias is not None
     assert count_parameters(reloaded) == report["parameters"]["counted_after"]
 
 
