@@ -72,18 +72,32 @@ def tiny_tokenizer():
     )
 
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite")
-#: non-default family-specific config values, so tests exercise them (granite: its multipliers)
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text")
+#: families whose RMSNorms scale by ``1 + weight`` (weights initialised to zero)
+GEMMA_ARCHS = ("gemma", "gemma2", "gemma3_text")
+#: non-default family-specific config values, so tests exercise them (granite: its multipliers;
+#: gemma2 / gemma3_text: a query_pre_attn_scalar that is not head_dim, a sliding window shorter
+#: than the test sequences; gemma2: soft-capping small enough for tanh to bend the scores)
 _FAMILY_EXTRAS = {
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5),
+    "gemma2": dict(query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=10.0),
+    "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=6),
 }
+
+
+def _layer_types(arch: str, layers: int) -> dict:
+    """gemma2 / gemma3_text: sliding-window layers interleaved with global ones, sliding first."""
+    if arch not in ("gemma2", "gemma3_text"):
+        return {}
+    return {"layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]}
 
 
 @pytest.fixture(scope="session")
 def make_tiny_model(tiny_tokenizer):
     """Factory: ``make_tiny_model(arch, num_heads=4, num_kv_heads=2, tied=False, layers=2,
     hidden=64, head_dim=16, intermediate=96, seed=0)`` -> a float32 eval-mode random model of
-    the family ``arch`` (one of TINY_ARCHS) with the tiny tokenizer's vocabulary."""
+    the family ``arch`` (one of TINY_ARCHS) with the tiny tokenizer's vocabulary and the
+    default attention implementation of the family (sdpa; eager for gemma2)."""
     import torch
     import transformers
 
@@ -93,6 +107,9 @@ def make_tiny_model(tiny_tokenizer):
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
         "granite": transformers.GraniteConfig,
+        "gemma": transformers.GemmaConfig,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }
 
     def make(
@@ -119,9 +136,19 @@ def make_tiny_model(tiny_tokenizer):
             bos_token_id=tiny_tokenizer.bos_token_id,
             eos_token_id=tiny_tokenizer.eos_token_id,
             **_FAMILY_EXTRAS.get(arch, {}),
+            **_layer_types(arch, layers),
         )
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if arch in GEMMA_ARCHS:
+            with torch.no_grad():
+                # zero-initialised norm weights: give "1 + weight" a non-zero weight
+                for name, param in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        param.normal_(0.0, 0.3)
+                # a residual stream of RMS ~1.6 after the sqrt(hidden) scaling, as in the real
+                # models (std 0.02 would let the normalised block outputs swamp it)
+                model.get_input_embeddings().weight.mul_(10.0)
         return model.eval()
 
     return make

@@ -9,7 +9,9 @@ from slimllm.errors import UnsupportedArchitectureError
 
 
 def test_supported_architectures_listed():
-    assert supported_architectures() == ["granite", "llama", "mistral", "qwen2", "qwen3"]
+    assert supported_architectures() == [
+        "gemma", "gemma2", "gemma3_text", "granite", "llama", "mistral", "qwen2", "qwen3"
+    ]
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

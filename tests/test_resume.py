@@ -61,8 +61,11 @@ def _same_report_layers(a: dict, b: dict) -> None:
         ("qwen2", 4, 2, dict(ratio=0.3, recovery="ridge")),  # q/k/v biases + new biases
         ("llama", 8, 4, dict(ratio=0.3, head_mode="kv-group", recovery="none")),
         ("qwen3", 4, 4, dict(ratio=0.25, recovery="ridge-delta")),  # MHA
+        ("gemma2", 4, 2, dict(ratio=0.3)),  # new o_proj / down_proj biases, sandwich norms
+        ("gemma3_text", 4, 2, dict(ratio=0.3, recovery="ridge")),
     ],
-    ids=["llama-affine", "qwen2-ridge", "llama-kv-group", "qwen3-mha-ridge-delta"],
+    ids=["llama-affine", "qwen2-ridge", "llama-kv-group", "qwen3-mha-ridge-delta", "gemma2-affine",
+         "gemma3_text-ridge"],
 )
 def test_interrupted_run_resumes_to_identical_tensors(
     make_tiny_model, tmp_path, monkeypatch, arch, heads, kv, config

@@ -5,21 +5,36 @@ slimllm prunes the two structures every supported family shares (DESIGN.md secti
 - attention: ``q_proj`` / ``k_proj`` / ``v_proj`` (rows = heads x head_dim) and ``o_proj``
   (columns = heads x head_dim), with grouped-query attention (GQA): query head ``a`` reads
   key/value head ``a // (H / G)`` (DESIGN.md section 2, GQA);
-- SwiGLU MLP: ``gate_proj`` / ``up_proj`` (rows = channels) and ``down_proj`` (columns =
-  channels) (DESIGN.md section 3).
+- gated MLP (SwiGLU; GeGLU for Gemma): ``gate_proj`` / ``up_proj`` (rows = channels) and
+  ``down_proj`` (columns = channels) (DESIGN.md section 3).
 
 Families, keyed by ``config.model_type`` (transformers 5.x modeling code):
 
-========  ===============================================================================
-llama     Llama 1/2/3, SmolLM/SmolLM2, TinyLlama, ... (optional ``attention_bias``/``mlp_bias``)
-mistral   same layout as llama, no biases
-qwen2     q/k/v carry biases, o_proj and the MLP do not
-qwen3     explicit ``head_dim``; ``q_norm``/``k_norm`` are RMSNorms of size ``head_dim`` shared
-          by all heads, so they are untouched when heads are removed
-granite   Llama layout (optional ``attention_bias``/``mlp_bias``) with scalar
-          ``embedding_multiplier``/``residual_multiplier``/``attention_multiplier``/
-          ``logits_scaling``, which do not depend on head or channel counts
-========  ===============================================================================
+===========  ============================================================================
+llama        Llama 1/2/3, SmolLM/SmolLM2, TinyLlama, ... (optional ``attention_bias`` /
+             ``mlp_bias``)
+mistral      same layout as llama, no biases
+qwen2        q/k/v carry biases, o_proj and the MLP do not
+qwen3        explicit ``head_dim``; ``q_norm``/``k_norm`` are RMSNorms of size ``head_dim`` shared
+             by all heads, so they are untouched when heads are removed
+granite      Llama layout (optional ``attention_bias``/``mlp_bias``) with scalar
+             ``embedding_multiplier``/``residual_multiplier``/``attention_multiplier``/
+             ``logits_scaling``, which do not depend on head or channel counts
+gemma        Gemma 1: explicit ``head_dim`` (256 on the real models, not hidden / heads),
+             ``1 + weight`` RMSNorms, GeGLU MLP (``gelu_pytorch_tanh`` on gate), embeddings
+             scaled by sqrt(hidden) inside the embedding module, tied LM head
+gemma2       Gemma 1's layout plus "sandwich" norms: ``post_attention_layernorm`` normalises
+             the o_proj output and ``post_feedforward_layernorm`` the down_proj output before
+             their residual adds (``pre_feedforward_layernorm`` is the MLP's input norm), so
+             the recovery fits o_proj / down_proj outputs *before* those norms, the last
+             linear map of each branch; attention and final logit soft-capping, score scaling
+             ``query_pre_attn_scalar ** -0.5`` and sliding-window layers (``layer_types``)
+             are per-head or per-layer and do not depend on head or channel counts
+gemma3_text  Gemma 3 (text decoder, ``Gemma3ForCausalLM``): Gemma 2's layout plus
+             ``q_norm``/``k_norm`` of size ``head_dim`` shared by all heads (as in qwen3)
+             and separate rotary embeddings for sliding and global layers; the multimodal
+             ``gemma3`` (``Gemma3ForConditionalGeneration``) is not supported
+===========  ============================================================================
 
 Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<family>``
 (see :mod:`slimllm.families.modeling_slimllm`); they map to the same adapters.
@@ -174,9 +189,38 @@ class GraniteAdapter(ModelAdapter):
     name = "granite"
 
 
+class GemmaAdapter(ModelAdapter):
+    """Gemma 1: Llama layout with GeGLU MLP and ``1 + weight`` RMSNorms (untouched by pruning)."""
+
+    name = "gemma"
+
+
+class Gemma2Adapter(ModelAdapter):
+    """Gemma 2: Gemma layout with sandwich norms, soft-capping and sliding-window layers; the
+    o_proj / down_proj recovery targets the projections' outputs, before the post norms."""
+
+    name = "gemma2"
+
+
+class Gemma3TextAdapter(ModelAdapter):
+    """Gemma 3 text decoder: Gemma 2 layout plus q_norm/k_norm of size head_dim, shared by heads."""
+
+    name = "gemma3_text"
+    shared_head_norms = ("q_norm", "k_norm")
+
+
 _REGISTRY: dict[str, ModelAdapter] = {
     adapter.name: adapter
-    for adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter(), GraniteAdapter())
+    for adapter in (
+        LlamaAdapter(),
+        MistralAdapter(),
+        Qwen2Adapter(),
+        Qwen3Adapter(),
+        GraniteAdapter(),
+        GemmaAdapter(),
+        Gemma2Adapter(),
+        Gemma3TextAdapter(),
+    )
 }
 
 
@@ -216,7 +260,8 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
     """The adapter for a model, a config (or config dict), or a ``model_type`` string.
 
     Keyed by ``config.model_type``: ``llama`` (SmolLM2 too), ``mistral``, ``qwen2``, ``qwen3``,
-    ``granite`` and their slimllm per-layer variants ``slimllm_<family>``.
+    ``granite``, ``gemma``, ``gemma2``, ``gemma3_text`` and their slimllm per-layer variants
+    ``slimllm_<family>``.
 
     Raises:
         UnsupportedArchitectureError: any other family; the message names the architecture

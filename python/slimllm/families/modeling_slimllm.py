@@ -23,6 +23,12 @@ Self-contained on purpose: it imports only torch and transformers.
 
 from torch import nn
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
@@ -146,6 +152,24 @@ class SlimLLMGraniteConfig(GraniteConfig):
     model_type = "slimllm_granite"
 
 
+class SlimLLMGemmaConfig(GemmaConfig):
+    """GemmaConfig plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_gemma"
+
+
+class SlimLLMGemma2Config(Gemma2Config):
+    """Gemma2Config plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_gemma2"
+
+
+class SlimLLMGemma3TextConfig(Gemma3TextConfig):
+    """Gemma3TextConfig plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_gemma3_text"
+
+
 class SlimLLMLlamaForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM with per-layer head counts, intermediate sizes and biases."""
 
@@ -196,6 +220,37 @@ class SlimLLMGraniteForCausalLM(GraniteForCausalLM):
         apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
 
 
+class SlimLLMGemmaForCausalLM(GemmaForCausalLM):
+    """GemmaForCausalLM with per-layer head counts, intermediate sizes and biases."""
+
+    config_class = SlimLLMGemmaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
+class SlimLLMGemma2ForCausalLM(Gemma2ForCausalLM):
+    """Gemma2ForCausalLM with per-layer head counts, intermediate sizes and biases."""
+
+    config_class = SlimLLMGemma2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
+class SlimLLMGemma3ForCausalLM(Gemma3ForCausalLM):
+    """Gemma3ForCausalLM (text decoder) with per-layer head counts, intermediate sizes and
+    biases."""
+
+    config_class = SlimLLMGemma3TextConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
+
+
 #: base family -> (config class, model class)
 FAMILIES = {
     "llama": (SlimLLMLlamaConfig, SlimLLMLlamaForCausalLM),
@@ -203,6 +258,9 @@ FAMILIES = {
     "qwen2": (SlimLLMQwen2Config, SlimLLMQwen2ForCausalLM),
     "qwen3": (SlimLLMQwen3Config, SlimLLMQwen3ForCausalLM),
     "granite": (SlimLLMGraniteConfig, SlimLLMGraniteForCausalLM),
+    "gemma": (SlimLLMGemmaConfig, SlimLLMGemmaForCausalLM),
+    "gemma2": (SlimLLMGemma2Config, SlimLLMGemma2ForCausalLM),
+    "gemma3_text": (SlimLLMGemma3TextConfig, SlimLLMGemma3ForCausalLM),
 }
 
 

@@ -15,13 +15,15 @@ Two config flavours:
   state-dict key and shape). ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``
   (explicit) and ``intermediate_size`` are the pruned ones. For Llama, recovery biases on
   o_proj / down_proj are kept with ``attention_bias`` / ``mlp_bias`` = True and zero biases
-  stored for q/k/v / gate/up (Qwen3 likewise with ``attention_bias`` for an o_proj bias). Loads
+  stored for q/k/v / gate/up (Qwen3 and the Gemmas likewise with ``attention_bias`` for an
+  o_proj bias). Loads
   with plain ``AutoModelForCausalLM.from_pretrained(DIR)``.
 - **per-layer** (remote code): ``model_type`` ``slimllm_<family>``, ``slimllm_layers`` (one
   shape + bias list per layer), ``auto_map`` to ``modeling_slimllm.py`` copied into the folder
   (see :mod:`slimllm.families.modeling_slimllm`). Used for non-uniform shapes and for families whose stock
   config has no place for the recovery biases (mistral and qwen2: no o_proj/down_proj bias;
-  qwen3: no down_proj bias). Loads with
+  qwen3, gemma, gemma2 and gemma3_text: no down_proj bias, their ``attention_bias`` covers
+  o_proj). Loads with
   :func:`load_pruned` (no remote code needed) or ``AutoModelForCausalLM.from_pretrained(DIR,
   trust_remote_code=True)``.
 """
