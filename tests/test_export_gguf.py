@@ -263,3 +263,33 @@ def test_smollm2_pruned_in_llama_cpp(smollm2_gguf, data_dir, tmp_path):
     assert agree == 1.0
     assert abs(ppl_cpp / ppl_hf - 1) < 0.01
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tokenizer(TEXT, add_special_tokens=False).input_ids
+
+
+def test_prune_cli_writes_gguf(make_tiny_model, tiny_tokenizer, tmp_path):
+    """`prune --gguf F` writes, after the folder, the same tensors `export` writes from that
+    folder; a family without GGUF export is refused before pruning (exit 2, nothing written)."""
+    from test_pipeline import _cli, _save_tiny
+
+    src = _save_tiny(make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2),
+                     tiny_tokenizer, tmp_path / "dense")
+    args = ("--model", src, "--ratio", 0.25, "--num-samples", 8, "--seq-len", 16, "--batch-size", 4,
+            "--no-progress")
+    run = _cli(*args, "--output", tmp_path / "pruned", "--gguf", tmp_path / "pruned.gguf",
+               "--gguf-outtype", "f16")
+    assert run.returncode == 0, run.stderr
+    again = export_gguf(tmp_path / "pruned", tmp_path / "again.gguf", outtype="f16")
+    _, got = _gguf_tensors(tmp_path / "pruned.gguf")
+    _, want = _gguf_tensors(again)
+    assert got.keys() == want.keys()
+    for name, (data, qtype) in want.items():
+        assert got[name][1] == qtype
+        np.testing.assert_array_equal(got[name][0], data, err_msg=name)
+
+    granite = _save_tiny(make_tiny_model("granite", num_heads=4, num_kv_heads=2, layers=2),
+                         tiny_tokenizer, tmp_path / "granite")
+    bad = _cli("--model", granite, *args[2:], "--output", tmp_path / "g-out", "--gguf", tmp_path / "g.gguf")
+    assert bad.returncode == 2 and "GGUF export supports" in bad.stderr and "'granite'" in bad.stderr
+    assert not (tmp_path / "g-out").exists() and not (tmp_path / "g.gguf").exists()
+    exists = _cli(*args, "--output", tmp_path / "x-out", "--gguf", tmp_path / "pruned.gguf")
+    assert exists.returncode == 2 and "already exists" in exists.stderr
+    assert not (tmp_path / "x-out").exists()

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "finished block, with identical results; while a run is in progress "
                          "its state is kept in OUTPUT.partial/ (removed once OUTPUT is saved). "
                          "Without a state there, the run starts afresh")
+    io.add_argument("--gguf", default=None, metavar="FILE.gguf",
+                    help="also write the pruned model as a GGUF file for stock llama.cpp once "
+                         "OUTPUT is saved (as `slimllm export OUTPUT --format gguf`; llama, "
+                         "mistral and qwen2 families); must not exist")
+    io.add_argument("--gguf-outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                    help="type of the 2-D weights in --gguf (1-D tensors stay f32)")
     io.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the weights while pruning and of the saved model")
     io.add_argument("--device", default=d["device"].default,
@@ -171,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     output = Path(os.path.expanduser(args.output))
     check_output_folder(output)
+    gguf_file = None if args.gguf is None else Path(os.path.expanduser(args.gguf)).absolute()
+    if gguf_file is not None and (gguf_file.exists() or not gguf_file.parent.is_dir()):
+        what = "already exists" if gguf_file.exists() else "is in a folder that does not exist"
+        raise CheckpointError(f"--gguf {gguf_file} {what}")
     state_dir = output.with_name(output.name + ".partial")
     if state_dir.exists() and not args.resume:
         raise CheckpointError(
@@ -207,6 +217,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     t_load = time.perf_counter() - t0
+    if gguf_file is not None:  # refuse before pruning, not after
+        from slimllm.families.adapters import get_adapter
+        from slimllm.io.gguf_export import EXPORT_FAMILIES
+        from slimllm.errors import UnsupportedArchitectureError
+
+        family = get_adapter(model).name
+        if family not in EXPORT_FAMILIES:
+            raise UnsupportedArchitectureError(
+                f"--gguf: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r}"
+            )
 
     t0 = time.perf_counter()
     if self_calibration:
@@ -256,6 +276,13 @@ def run(args: argparse.Namespace) -> int:
     t_save = time.perf_counter() - t0
     report["timings"]["saving"] = round(t_save, 6)
     _rewrite_report(output, report)
+
+    if gguf_file is not None:
+        from slimllm.io.gguf_export import export_gguf
+
+        t0 = time.perf_counter()
+        export_gguf(output, gguf_file, outtype=args.gguf_outtype)
+        print(f"wrote {gguf_file} ({args.gguf_outtype}) in {time.perf_counter() - t0:.1f} s")
 
     params = report["parameters"]
     after = params.get("counted_after", params["after"])
