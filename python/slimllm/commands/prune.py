@@ -63,8 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "mistral and qwen2 families); must not exist")
     io.add_argument("--gguf-outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
                     help="type of the 2-D weights in --gguf (1-D tensors stay f32)")
-    io.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="dtype of the weights while pruning and of the saved model")
+    io.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the weights kept in memory and of the saved model (default: "
+                         "the source dtype: that of the safetensors, float32 for a .gguf; "
+                         "float32 for hub ids and slimllm-pruned folders)")
+    io.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the block being pruned (HF folders and .gguf files, read "
+                         "block by block); only float32 on CPU")
     io.add_argument("--device", default=d["device"].default,
                     help="compute device for the block being pruned: cpu, cuda or cuda:N "
                          "(the rest of the model stays on the CPU)")
@@ -214,8 +219,16 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
 
+    from slimllm.io.lazy import open_lazy, supports_lazy
+
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    lazy = None
+    if supports_lazy(args.model):  # block by block: weights read when their block is reached
+        lazy, tokenizer = open_lazy(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                                    device=config.device)
+        model = lazy.model
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype or "float32", device="cpu")
     t_load = time.perf_counter() - t0
     if gguf_file is not None:  # refuse before pruning, not after
         from slimllm.families.adapters import get_adapter
@@ -230,8 +243,11 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if self_calibration:
+        # generation needs the whole model: with a lazy source it is loaded in its source dtype
+        # (that much memory), used and freed before the block walk
+        generator = model if lazy is None else load_model(args.model, dtype=lazy.source_dtype)[0]
         calib = self_generated(
-            model.to(config.device),
+            generator.to(config.device),
             tokenizer,
             args.num_samples,
             args.seq_len,
@@ -239,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             temperature=args.calib_temperature,
         )
-        model.to("cpu")
+        generator.to("cpu")
+        del generator
     else:
         calib = load_calibration(
             tokenizer,
@@ -257,14 +274,14 @@ def run(args: argparse.Namespace) -> int:
     manifest = state_dir / STATE_NAME
     recorded = manifest.stat().st_mtime_ns if manifest.is_file() else None
     try:
-        model, report = prune_model(model, tokenizer, calib, config, state_dir=state_dir)
+        model, report = prune_model(model, tokenizer, calib, config, state_dir=state_dir, lazy=lazy)
     except (Exception, KeyboardInterrupt):
         if manifest.is_file() and manifest.stat().st_mtime_ns != recorded:  # progress was kept
             print(f"slimllm prune: the finished blocks are kept in {state_dir}; rerun the same "
                   f"command with --resume to continue", file=sys.stderr)
         raise
     report["model"] = str(args.model)
-    report["dtype"] = args.dtype
+    report["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     report["timings"]["loading"] = round(t_load, 6)
     report["timings"]["calibration_data"] = round(t_calib, 6)
 

@@ -344,8 +344,10 @@ def _gguf_architecture(path: Path) -> str | None:
         return None
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _gguf_config_and_tokenizer(path: Path) -> tuple[Any, Any]:
+    """Config and tokenizer of a ``.gguf`` file (transformers' GGUF readers), architecture
+    checked. Raises CheckpointError / UnsupportedArchitectureError."""
+    from transformers import AutoConfig
 
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
@@ -366,7 +368,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn
         get_adapter(config)
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{path}: {exc}") from None
-    tokenizer = _load_tokenizer(folder, str(path), gguf_file=name, config=config)
+    return config, _load_tokenizer(folder, str(path), gguf_file=name, config=config)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM
+
+    config, tokenizer = _gguf_config_and_tokenizer(path)
+    folder, name = str(path.parent), path.name
     kwargs: dict[str, Any] = {}
     try:  # transformers >= 5.x can keep GGUF blocks packed; slimllm needs dense weights
         from transformers import GgufConfig

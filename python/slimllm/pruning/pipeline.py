@@ -32,7 +32,10 @@ dense references after pass A and every finished block with the next block's inp
 recorded on disk (:mod:`slimllm.pruning.resume`), so a killed run continues after its last finished
 block with identical results.
 
-Only the current block is moved to ``device``. Activations reach the core as C-contiguous
+Only the current block is moved to ``device``. With ``lazy`` (a
+:class:`slimllm.io.lazy.LazyCheckpoint`, issue 11) the model is a skeleton on the meta device:
+each block is read from the checkpoint just before it is used and released right after (the
+dense pass), or kept, pruned, in the saved dtype (the walk, :func:`_finish_block`). Activations reach the core as C-contiguous
 float32/float64 numpy arrays (bf16/f16 are upcast to float32). Nothing is materialised per head
 or per channel.
 """
@@ -446,7 +449,8 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 # the pipeline
 
 
-def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, state_dir=None):
+def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, state_dir=None,
+                lazy=None):
     """Prune ``model`` in place, block by block (DESIGN.md sections 1-5), and return it with
     the report.
 
@@ -466,6 +470,12 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
             uninterrupted run gives (the report's ``resumed_from_block`` says where it
             restarted; its timings cover this call only). The caller deletes the folder once
             the result is saved.
+        lazy: optional :class:`slimllm.io.lazy.LazyCheckpoint` whose ``model`` is ``model``
+            (a skeleton with parameters on meta): each block is materialised from the source
+            in ``lazy.compute_dtype`` just before the dense pass / the walk use it and put back
+            on meta right after; a pruned block stays in memory on the CPU in ``lazy.dtype``
+            (:func:`_finish_block`); the embeddings are materialised for the capture only. The
+            returned model is complete (outer parameters loaded in ``lazy.dtype``).
 
     Returns:
         ``(model, report)``: the same model object with smaller Linear modules (and added
@@ -533,6 +543,11 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
         report.update(_plan_report(plan))
         report["layers"] = [_layer_entry(p, specs[p.index]) for p in plan.layers]
         report["timings"] = {"total": time.perf_counter() - t_start}
+        if lazy is not None:
+            for i in range(n_layers):
+                lazy.load_block(i)
+                lazy.keep_block(i)
+            lazy.load_outer(lazy.dtype)
         return model, report
 
     state = expected = None
@@ -540,7 +555,8 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
         from slimllm.pruning.resume import PruneState, fingerprint
 
         state = PruneState.open(state_dir)
-        expected = fingerprint(model, chunks, config.to_dict())
+        expected = fingerprint(model, chunks, config.to_dict(),
+                               tensors=None if lazy is None else lazy.tensors())
         if state.resumable:
             state.check(expected)
             report["resumed_from_block"] = state.finished
@@ -550,9 +566,11 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
     try:
         with torch.no_grad():
             report_layers, plan = _walk(model, adapter, layers, specs, chunks, config, device,
-                                        total_params, timings, state, expected)
+                                        total_params, timings, state, expected, lazy)
     finally:
         model.train(was_training)
+    if lazy is not None:
+        lazy.load_outer(lazy.dtype)
 
     params_after = count_parameters(model)
     report.update(_plan_report(plan))
@@ -596,20 +614,53 @@ def _layer_entry(p, spec) -> dict:
     }
 
 
+def _acquire(lazy, i, layer, device):
+    """Block ``i`` on the compute ``device``: materialised from the source (lazy) or moved
+    there. Returns where the block lives between uses (None when lazy)."""
+    if lazy is not None:
+        lazy.load_block(i, device)
+        return None
+    home = _layer_device(layer)
+    layer.to(device)
+    return home
+
+
+def _release(lazy, i, layer, home):
+    """Undo :func:`_acquire` for a block that was not changed (dense pass)."""
+    if lazy is not None:
+        lazy.release_block(i)
+    else:
+        layer.to(home)
+
+
+def _finish_block(lazy, i, layer, home):
+    """Block ``i`` is pruned and committed to the resume state: the one point where a
+    finished block leaves the walk (a streaming writer takes it here). Eager: back to its
+    home device; lazy: kept on the CPU in the saved dtype."""
+    if lazy is not None:
+        lazy.keep_block(i)
+    else:
+        layer.to(home)
+
+
 def _walk(model, adapter, layers, specs, chunks, config, device, total_params, timings,
-          state=None, expected=None):
+          state=None, expected=None, lazy=None):
     from tqdm.auto import tqdm
 
     from slimllm.pruning import slicing
 
     n_layers = len(layers)
+    if lazy is not None:
+        lazy.load_outer()
     hidden0, block_kwargs = _capture(model, adapter, chunks, device, timings)
+    if lazy is not None:
+        lazy.release_outer()
     resuming = state is not None and state.resumable
     if resuming:
         importance = state.importance
     else:
         importance, dense_out = _dense_pass(layers, hidden0, block_kwargs, config, device,
-                                            timings)
+                                            timings, lazy)
     plan = _plan(config, specs, total_params, importance)
 
     start, entries, h = 0, [], hidden0
@@ -617,7 +668,11 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         start, entries = state.finished, state.entries
         with timings("resume"):
             for i in range(start):
+                if lazy is not None:
+                    lazy.load_block(i)
                 _restore_block(adapter, slicing, layers[i], entries[i], state.block(i))
+                if lazy is not None:
+                    lazy.keep_block(i)
             if 0 < start < n_layers:  # block 0's inputs are the captured embeddings
                 h = [t.to(device) for t in state.hidden(start)]
     elif state is not None:
@@ -633,8 +688,7 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         layer = layers[i]
         p = plan.layers[i]
         spec = specs[i]
-        home = _layer_device(layer)
-        layer.to(device)
+        home = _acquire(lazy, i, layer, device)
         entry = _layer_entry(p, spec)
         reference = state.dense(i) if state is not None else dense_out[i]
         target = None
@@ -654,12 +708,12 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         else:
             with timings("saving state"):
                 state.commit(i, layer.state_dict(), entry, h if i + 1 < n_layers else None)
-        layer.to(home)
+        _finish_block(lazy, i, layer, home)
         entries.append(entry)
     return entries, plan
 
 
-def _dense_pass(layers, hidden0, block_kwargs, config, device, timings):
+def _dense_pass(layers, hidden0, block_kwargs, config, device, timings, lazy=None):
     """Pass A: every block once on the dense hidden states. Returns ``(importance,
     dense_out)``: s_i = mean over tokens of cos(h_in, h_out) (DESIGN.md section 5) and, per
     block and chunk, its dense outputs (bfloat16, CPU) for the report's drift field."""
@@ -671,8 +725,7 @@ def _dense_pass(layers, hidden0, block_kwargs, config, device, timings):
     h = hidden0
     for i in tqdm(range(n_layers), desc="importance", unit="block", disable=not config.progress):
         layer = layers[i]
-        home = _layer_device(layer)
-        layer.to(device)
+        home = _acquire(lazy, i, layer, device)
         total, count = 0.0, 0
         outs = []
         with timings("forward"):
@@ -680,7 +733,7 @@ def _dense_pass(layers, hidden0, block_kwargs, config, device, timings):
                 y = _run_layer(layer, x, block_kwargs[i][c])
                 s, k = _mean_cos(x, y)
                 if not math.isfinite(s):  # NaN or inf anywhere in y (or x) makes the sum NaN
-                    layer.to(home)
+                    _release(lazy, i, layer, home)
                     raise NonFiniteError(
                         f"layer {i}: non-finite values in the block output of the dense forward "
                         f"(chunk {c}); check the weights of layer {i}"
@@ -689,7 +742,7 @@ def _dense_pass(layers, hidden0, block_kwargs, config, device, timings):
                 outs.append(y)
         dense_out.append([o.to(device="cpu", dtype=torch.bfloat16) for o in outs])
         importance.append(total / count)
-        layer.to(home)
+        _release(lazy, i, layer, home)
         h = outs
     return importance, dense_out
 

@@ -31,7 +31,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -56,13 +56,16 @@ def _tensor_digest(h: Any, tensor: torch.Tensor, sample: bool) -> None:
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
-def fingerprint(model: torch.nn.Module, chunks: Sequence[torch.Tensor], config: dict) -> dict:
+def fingerprint(model: torch.nn.Module, chunks: Sequence[torch.Tensor], config: dict,
+                tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> dict:
     """What a resumed run must share with the interrupted one.
 
     Args:
         model: the dense model, before any change.
         chunks: the calibration token id chunks (int64 tensors), in order.
         config: ``PruneConfig.to_dict()``.
+        tensors: ``(name, tensor)`` pairs to digest instead of ``model.named_parameters()``
+            (a lazily loaded model: :meth:`slimllm.io.lazy.LazyCheckpoint.tensors`).
 
     Returns:
         ``{"config": ..., "calibration": sha256 hex of every chunk's shape and ids,
@@ -74,7 +77,7 @@ def fingerprint(model: torch.nn.Module, chunks: Sequence[torch.Tensor], config: 
         _tensor_digest(calib, chunk.to(torch.int64), sample=False)
     weights = hashlib.sha256()
     count = 0
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters() if tensors is None else tensors:
         weights.update(name.encode())
         _tensor_digest(weights, param, sample=True)
         count += param.numel()
