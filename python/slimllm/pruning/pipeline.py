@@ -611,18 +611,20 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         importance, dense_out = _dense_pass(layers, hidden0, block_kwargs, config, device,
                                             timings)
     plan = _plan(config, specs, total_params, importance)
+    layout = None if state is None else _block_layout(model, plan, specs)
 
     start, entries, h = 0, [], hidden0
     if resuming:  # blocks before `start` come back from disk exactly as they were pruned
         start, entries = state.finished, state.entries
         with timings("resume"):
             for i in range(start):
-                _restore_block(adapter, slicing, layers[i], entries[i], state.block(i))
+                _restore_block(adapter, slicing, layers[i], entries[i],
+                               layout.layer_tensors(i, state.block(i)))
             if 0 < start < n_layers:  # block 0's inputs are the captured embeddings
                 h = [t.to(device) for t in state.hidden(start)]
     elif state is not None:
         with timings("saving state"):
-            state.start(expected, importance, dense_out)
+            state.start(expected, importance, dense_out, layout.to_dict())
         dense_out = None  # read back block by block
 
     # ---- block walk -------------------------------------------------------------------------
@@ -653,10 +655,28 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
             dense_out[i] = None
         else:
             with timings("saving state"):
-                state.commit(i, layer.state_dict(), entry, h if i + 1 < n_layers else None)
+                state.commit(i, layout.checkpoint_tensors(i, layer.state_dict()), entry,
+                             h if i + 1 < n_layers else None)
         layer.to(home)
         entries.append(entry)
     return entries, plan
+
+
+def _block_layout(model, plan, specs):
+    """How the pruned blocks are saved (:func:`slimllm.io.streaming.plan_layout`), decided
+    from the plan before any block changes: shapes from the removal counts, biases from the
+    dense layers' plus those the recovery adds."""
+    from slimllm.families.adapters import LayerShape
+    from slimllm.io.streaming import plan_layout, planned_biases
+
+    shapes = [
+        LayerShape(s.num_heads - p.heads_removed, s.num_kv_heads - p.kv_heads_removed, s.head_dim,
+                   s.intermediate_size - p.channels_removed)
+        for p, s in zip(plan.layers, specs, strict=True)
+    ]
+    biases = [planned_biases(s, p.o_bias_added, p.down_bias_added)
+              for p, s in zip(plan.layers, specs, strict=True)]
+    return plan_layout(model, shapes, biases)[0]
 
 
 def _dense_pass(layers, hidden0, block_kwargs, config, device, timings):
