@@ -187,6 +187,14 @@ def test_compute_dtype_other_than_float32_refused_on_cpu(make_tiny_model, tiny_t
 
 
 def test_lazy_resume_gives_identical_tensors(make_tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """A lazy prune with a state drops each block once committed (meta), resumes after an
+    interruption, and its streamed output (save_pruned_from_state) holds exactly the tensors
+    save_pruned writes for the same prune kept in memory."""
+    from safetensors.torch import load_file
+
+    from slimllm.io.checkpoint import save_pruned
+    from slimllm.io.streaming import save_pruned_from_state
+
     folder = _sharded_bf16(make_tiny_model, tiny_tokenizer, tmp_path / "dense")
     config = PruneConfig(ratio=0.3, progress=False, batch_size=4)
     lazy, _ = open_lazy(folder)
@@ -212,11 +220,21 @@ def test_lazy_resume_gives_identical_tensors(make_tiny_model, tiny_tokenizer, tm
     resumed, report = prune_model(lazy.model, None, ids, config, state_dir=tmp_path / "state", lazy=lazy)
     assert report["resumed_from_block"] == 2
     assert report["layers"] == ref_report["layers"]
-    ref = reference.state_dict()
-    got = resumed.state_dict()
+    assert all(p.is_meta for p in resumed.model.layers.parameters())  # streamed, not kept
+    save_pruned(reference, None, tmp_path / "ref", ref_report)
+    save_pruned_from_state(resumed, None, tmp_path / "got", report, PruneState.open(tmp_path / "state"))
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    ref, got = tensors(tmp_path / "ref"), tensors(tmp_path / "got")
     assert got.keys() == ref.keys()
     for name in ref:
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], ref[name]), name
+    assert len(list((tmp_path / "got").glob("*.safetensors"))) == len(resumed.model.layers) + 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         raise CalibrationError("--num-samples and --seq-len must be positive")
 
     from slimllm.io.checkpoint import load_model, remove_interrupted_saves, save_pruned
+    from slimllm.io.streaming import save_pruned_from_state
     from slimllm.pruning.pipeline import prune_model
     from slimllm.pruning.resume import STATE_NAME, PruneState
 
@@ -288,7 +289,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.resume:
         remove_interrupted_saves(output)
-    save_pruned(model, tokenizer, output, report)
+    state = PruneState.open(state_dir)  # as prune_model left it
+    if state.resumable:  # streaming save: the block files of the state are the output's shards
+        save_pruned_from_state(model, tokenizer, output, report, state)
+    else:  # nothing was pruned (ratio 0): no state was written
+        save_pruned(model, tokenizer, output, report)
     state.remove()
     t_save = time.perf_counter() - t0
     report["timings"]["saving"] = round(t_save, 6)

@@ -515,12 +515,13 @@ def _layer_biases(adapter: Any, layer: nn.Module) -> list[str]:
     return names
 
 
-def _validate_layer(adapter: Any, idx: int, layer: nn.Module, hidden: int) -> LayerShape:
-    """Raise ShapeMismatchError for a layer whose Linear modules do not fit together."""
-    shape = adapter.layer_shape(layer)
-    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+def projection_features(shape: LayerShape, hidden: int) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of the seven projections of a layer of ``shape`` with
+    hidden size ``hidden``, keyed ``"self_attn.q_proj"`` ... ``"mlp.down_proj"`` (q: H*h
+    outputs, k/v: G*h, o: H*h inputs, gate/up: F outputs, down: F inputs; DESIGN.md
+    notation)."""
     h = shape.head_dim
-    expected = {
+    return {
         "self_attn.q_proj": (hidden, shape.num_heads * h),
         "self_attn.k_proj": (hidden, shape.num_kv_heads * h),
         "self_attn.v_proj": (hidden, shape.num_kv_heads * h),
@@ -529,7 +530,13 @@ def _validate_layer(adapter: Any, idx: int, layer: nn.Module, hidden: int) -> La
         "mlp.up_proj": (hidden, shape.intermediate_size),
         "mlp.down_proj": (shape.intermediate_size, hidden),
     }
-    for qualified, (in_features, out_features) in expected.items():
+
+
+def _validate_layer(adapter: Any, idx: int, layer: nn.Module, hidden: int) -> LayerShape:
+    """Raise ShapeMismatchError for a layer whose Linear modules do not fit together."""
+    shape = adapter.layer_shape(layer)
+    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
+    for qualified, (in_features, out_features) in projection_features(shape, hidden).items():
         owner, name = qualified.split(".")
         linear = getattr(attn if owner == "self_attn" else mlp, name)
         actual = tuple(linear.weight.shape)
@@ -569,11 +576,17 @@ def _base_config_dict(model: nn.Module, family: str) -> dict[str, Any]:
 
 
 def _stock_candidate(
-    model: nn.Module, family: str, shapes: list[LayerShape], biases: list[list[str]], state: dict[str, torch.Tensor]
-) -> tuple[Any, dict[str, torch.Tensor]] | None:
-    """(stock config, state dict to save) when every layer has the same shape and the family's
-    stock config reproduces every tensor key and shape (zero biases added where the stock
-    layout needs them); None otherwise."""
+    model: nn.Module,
+    family: str,
+    shapes: list[LayerShape],
+    biases: list[list[str]],
+    key_shapes: dict[str, tuple[int, ...]],
+) -> tuple[Any, dict[str, tuple[int, ...]]] | None:
+    """``(stock config, zero biases to add)`` when every layer has the same shape and biases
+    and the family's stock config reproduces every tensor key and shape of ``key_shapes`` (the
+    checkpoint's state-dict names -> shapes) once the returned biases (name -> shape, stored as
+    zeros: the stock layout has them, the pruned model does not) are added; None otherwise.
+    Only ``model.config`` is read (the layers may be pruned, dense or on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if any(s != shapes[0] for s in shapes) or any(b != biases[0] for b in biases):
@@ -601,23 +614,26 @@ def _stock_candidate(
         logger.info("stock %s config cannot represent the pruned model (%s); saving per-layer", family, exc)
         return None
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    out = dict(state)
-    for key, shp in expected.items():
-        if key not in out and key.endswith(".bias") and key[: -len(".bias")] + ".weight" in out:
-            weight = out[key[: -len(".bias")] + ".weight"]
-            out[key] = torch.zeros(shp, dtype=weight.dtype, device=weight.device)
-    actual = {k: tuple(v.shape) for k, v in out.items()}
+    padding = {
+        key: shp
+        for key, shp in expected.items()
+        if key not in key_shapes and key.endswith(".bias") and key[: -len(".bias")] + ".weight" in key_shapes
+    }
+    actual = {**{k: tuple(v) for k, v in key_shapes.items()}, **padding}
     if actual != expected:
         diff = sorted(set(actual.items()) ^ set(expected.items()))[:4]
         logger.info("stock %s layout differs from the pruned model (%s); saving per-layer", family, diff)
         return None
     config.architectures = [type(reference).__name__]
-    return config, out
+    return config, padding
 
 
 def _per_layer_config(
     model: nn.Module, family: str, shapes: list[LayerShape], biases: list[list[str]]
 ) -> Any:
+    """The per-layer (remote-code) config of a pruned ``model`` whose layer i has shape
+    ``shapes[i]`` and biases on the projections ``biases[i]`` (module docstring); only
+    ``model.config`` is read."""
     config_cls, model_cls = _remote().FAMILIES[family]
     data = _base_config_dict(model, family)
     data.pop("model_type")
@@ -721,30 +737,58 @@ def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike,
     layers = adapter.layers(model)
     shapes = [_validate_layer(adapter, i, layer, hidden) for i, layer in enumerate(layers)]
     biases = [_layer_biases(adapter, layer) for layer in layers]
+    report_text = _report_text(report)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    stock = _stock_candidate(model, family, shapes, biases, {k: tuple(v.shape) for k, v in state.items()})
+    if stock is not None:
+        config, padding = stock
+        for key, shp in padding.items():
+            weight = state[key[: -len(".bias")] + ".weight"]
+            state[key] = torch.zeros(shp, dtype=weight.dtype, device=weight.device)
+    else:
+        config = _per_layer_config(model, family, shapes, biases)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def write_weights(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state, max_shard_size=MAX_SHARD_SIZE)
+
+    return write_folder(output, config, dtype, tokenizer, report_text, write_weights)
+
+
+def _report_text(report: dict | None) -> str:
     try:
-        report_text = json.dumps(report if report is not None else {}, indent=2, default=_json_default)
+        return json.dumps(report if report is not None else {}, indent=2, default=_json_default)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the report cannot be written as JSON: {exc}") from exc
 
+
+def write_folder(
+    output: Path, config: Any, dtype: str, tokenizer: Any, report_text: str, write_weights: Any
+) -> Path:
+    """The one writer of a pruned folder, for :func:`save_pruned` and the streaming save
+    (:func:`slimllm.io.streaming.save_pruned_from_state`): in a temporary sibling of
+    ``output`` (hidden, ``.NAME.slimllm-tmp-*``), ``write_weights(tmp)`` writes the weights
+    and the generation config; then config.json (``config``, with ``dtype`` such as
+    ``"float32"``), the remote-code file for a per-layer config, the tokenizer files and
+    ``report_text`` as ``slimllm_report.json``; then the folder is renamed to ``output``
+    (atomic). Returns ``output``.
+
+    Raises:
+        CheckpointError: any failure while writing (disk full included); the temporary folder
+            is removed first, so no partial output is ever left.
+    """
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(output), dir=output.parent))
     except OSError as exc:
         raise CheckpointError(f"cannot create a folder next to {output}: {exc}") from exc
     try:
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        stock = _stock_candidate(model, family, shapes, biases, state)
-        if stock is not None:
-            config, state = stock
-        else:
-            config = _per_layer_config(model, family, shapes, biases)
-        model.save_pretrained(tmp, state_dict=state, max_shard_size=MAX_SHARD_SIZE)
-        del state
-        # save_pretrained wrote the in-memory config; replace it with the one describing the files
-        config.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        write_weights(tmp)
+        # save_pretrained writes the in-memory config; replace it with the one describing the files
+        config.dtype = dtype
         (tmp / "config.json").unlink(missing_ok=True)
         config.save_pretrained(tmp)
-        if stock is None:
+        if is_pruned_config(config):
             shutil.copyfile(Path(_remote().__file__), tmp / REMOTE_CODE_NAME)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

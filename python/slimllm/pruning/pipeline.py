@@ -473,9 +473,13 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
         lazy: optional :class:`slimllm.io.lazy.LazyCheckpoint` whose ``model`` is ``model``
             (a skeleton with parameters on meta): each block is materialised from the source
             in ``lazy.compute_dtype`` just before the dense pass / the walk use it and put back
-            on meta right after; a pruned block stays in memory on the CPU in ``lazy.dtype``
-            (:func:`_finish_block`); the embeddings are materialised for the capture only. The
-            returned model is complete (outer parameters loaded in ``lazy.dtype``).
+            on meta right after. Without ``state_dir`` a pruned block stays in memory on the
+            CPU in ``lazy.dtype``; with one it is dropped once committed (back to meta with
+            its pruned shapes: the state's block file holds it, and
+            :func:`slimllm.io.streaming.save_pruned_from_state` writes the output from those
+            files), so memory holds one block at a time (:func:`_finish_block`). The
+            embeddings are materialised for the capture, and again (in ``lazy.dtype``) before
+            returning.
 
     Returns:
         ``(model, report)``: the same model object with smaller Linear modules (and added
@@ -633,14 +637,18 @@ def _release(lazy, i, layer, home):
         layer.to(home)
 
 
-def _finish_block(lazy, i, layer, home):
+def _finish_block(lazy, i, layer, home, streamed):
     """Block ``i`` is pruned and committed to the resume state: the one point where a
-    finished block leaves the walk (a streaming writer takes it here). Eager: back to its
-    home device; lazy: kept on the CPU in the saved dtype."""
-    if lazy is not None:
-        lazy.keep_block(i)
-    else:
+    finished block leaves the walk. Eager: back to its home device; lazy with a state
+    (``streamed``): dropped (back to meta, pruned shapes kept), its state file is the output's
+    shard (:func:`slimllm.io.streaming.save_pruned_from_state`); lazy without a state: kept
+    on the CPU in the saved dtype."""
+    if lazy is None:
         layer.to(home)
+    elif streamed:
+        lazy.release_block(i)
+    else:
+        lazy.keep_block(i)
 
 
 def _walk(model, adapter, layers, specs, chunks, config, device, total_params, timings,
@@ -662,6 +670,7 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         importance, dense_out = _dense_pass(layers, hidden0, block_kwargs, config, device,
                                             timings, lazy)
     plan = _plan(config, specs, total_params, importance)
+    layout = None if state is None else _block_layout(model, plan, specs, lazy)
 
     start, entries, h = 0, [], hidden0
     if resuming:  # blocks before `start` come back from disk exactly as they were pruned
@@ -670,14 +679,15 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
             for i in range(start):
                 if lazy is not None:
                     lazy.load_block(i)
-                _restore_block(adapter, slicing, layers[i], entries[i], state.block(i))
+                _restore_block(adapter, slicing, layers[i], entries[i],
+                               layout.layer_tensors(i, state.block(i)))
                 if lazy is not None:
-                    lazy.keep_block(i)
+                    lazy.release_block(i)  # streamed: the state file is the output's shard
             if 0 < start < n_layers:  # block 0's inputs are the captured embeddings
                 h = [t.to(device) for t in state.hidden(start)]
     elif state is not None:
         with timings("saving state"):
-            state.start(expected, importance, dense_out)
+            state.start(expected, importance, dense_out, layout.to_dict())
         dense_out = None  # read back block by block
 
     # ---- block walk -------------------------------------------------------------------------
@@ -707,10 +717,28 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
             dense_out[i] = None
         else:
             with timings("saving state"):
-                state.commit(i, layer.state_dict(), entry, h if i + 1 < n_layers else None)
-        _finish_block(lazy, i, layer, home)
+                state.commit(i, layout.checkpoint_tensors(i, layer.state_dict()), entry,
+                             h if i + 1 < n_layers else None)
+        _finish_block(lazy, i, layer, home, state is not None)
         entries.append(entry)
     return entries, plan
+
+
+def _block_layout(model, plan, specs, lazy=None):
+    """How the pruned blocks are saved (:func:`slimllm.io.streaming.plan_layout`), decided
+    from the plan before any block changes: shapes from the removal counts, biases from the
+    dense layers' plus those the recovery adds."""
+    from slimllm.families.adapters import LayerShape
+    from slimllm.io.streaming import plan_layout, planned_biases
+
+    shapes = [
+        LayerShape(s.num_heads - p.heads_removed, s.num_kv_heads - p.kv_heads_removed, s.head_dim,
+                   s.intermediate_size - p.channels_removed)
+        for p, s in zip(plan.layers, specs, strict=True)
+    ]
+    biases = [planned_biases(s, p.o_bias_added, p.down_bias_added)
+              for p, s in zip(plan.layers, specs, strict=True)]
+    return plan_layout(model, shapes, biases, None if lazy is None else lazy.dtype)[0]
 
 
 def _dense_pass(layers, hidden0, block_kwargs, config, device, timings, lazy=None):

@@ -14,7 +14,10 @@ Layout of a state folder::
                                blocks and their report entries
     dense-XXXX.safetensors     block XXXX's outputs in the dense model (pass A, bfloat16, one
                                tensor per chunk): the reference of the report's drift field
-    block-XXXX.safetensors     block XXXX after pruning (its state dict)
+    block-XXXX.safetensors     block XXXX after pruning, as the output's shard: its tensors
+                               under their checkpoint names (model.layers.XXXX....), in the
+                               output dtype, with the zero biases a stock config needs
+                               (slimllm.io.streaming; the layout is the manifest's "layout")
     hidden-XXXX.safetensors    inputs of block XXXX, i.e. outputs of the pruned block XXXX-1
                                (only the latest is kept)
 
@@ -41,7 +44,7 @@ __all__ = ["PruneState", "STATE_NAME", "fingerprint"]
 
 #: manifest file of a state folder
 STATE_NAME = "state.json"
-_FORMAT = "slimllm-prune-state/1"
+_FORMAT = "slimllm-prune-state/2"
 #: PruneConfig fields that do not change what is computed (left out of the fingerprint)
 _UNFINGERPRINTED = ("progress", "device")
 _SAMPLE = 1 << 16
@@ -208,7 +211,8 @@ class PruneState:
 
         target = self.path / name
         tmp = target.with_name(name + ".tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -229,9 +233,11 @@ class PruneState:
         expected: dict,
         importance: Sequence[float],
         dense_out: Sequence[Sequence[torch.Tensor]],
+        layout: dict | None = None,
     ) -> None:
-        """Record a new run: its fingerprint, the dense-pass importances and every block's
-        dense outputs (pass A). Anything in the folder from a run
+        """Record a new run: its fingerprint, the dense-pass importances, every block's
+        dense outputs (pass A) and the block layout of the output
+        (:meth:`slimllm.io.streaming.BlockLayout.to_dict`). Anything in the folder from a run
         that never got this far is replaced.
 
         Raises:
@@ -252,7 +258,8 @@ class PruneState:
                     _name("dense", i), {f"chunk.{c}": t for c, t in enumerate(outs)}
                 )
             self.manifest.update(
-                phase="blocks", importance=[float(v) for v in importance], finished=0, entries=[]
+                phase="blocks", importance=[float(v) for v in importance], finished=0, entries=[],
+                layout=layout,
             )
             self._write_manifest()
         except OSError as exc:
@@ -265,7 +272,8 @@ class PruneState:
         entry: dict,
         next_inputs: Sequence[torch.Tensor] | None,
     ) -> None:
-        """Record block ``index`` as finished: its pruned tensors, its report entry and the
+        """Record block ``index`` as finished: its pruned tensors (checkpoint names,
+        :meth:`slimllm.io.streaming.BlockLayout.checkpoint_tensors`), its report entry and the
         next block's inputs (None after the last block). Blocks must finish in order.
 
         Raises:
