@@ -121,10 +121,10 @@ def _calib_file(path: Path) -> Path:
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    """The installed package's CLI (the tests' interpreter), as tests/test_pipeline.py runs it."""
     cmd = [sys.executable, "-m", "slimllm", "prune", *map(str, args), "--num-samples", "8",
            "--seq-len", "24", "--batch-size", "4", "--no-progress", "--threads", "1"]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 def test_cli_keeps_the_source_dtype_and_matches_eager(make_tiny_model, tiny_tokenizer, tmp_path):
