@@ -233,14 +233,9 @@ def run(args: argparse.Namespace) -> int:
     t_load = time.perf_counter() - t0
     if gguf_file is not None:  # refuse before pruning, not after
         from slimllm.families.adapters import get_adapter
-        from slimllm.io.gguf_export import EXPORT_FAMILIES
-        from slimllm.errors import UnsupportedArchitectureError
+        from slimllm.io.gguf_export import check_exportable
 
-        family = get_adapter(model).name
-        if family not in EXPORT_FAMILIES:
-            raise UnsupportedArchitectureError(
-                f"--gguf: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r}"
-            )
+        check_exportable(get_adapter(model).name, "--gguf")
 
     t0 = time.perf_counter()
     if self_calibration:

@@ -47,7 +47,7 @@ import torch
 
 from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 
-__all__ = ["OUTTYPES", "EXPORT_FAMILIES", "export_gguf", "permute_rope_rows"]
+__all__ = ["OUTTYPES", "EXPORT_FAMILIES", "check_exportable", "export_gguf", "permute_rope_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,16 @@ def _convert(name: str, data: np.ndarray, qtype_name: str) -> tuple[np.ndarray, 
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
 
 
+def check_exportable(family: str, where: str) -> None:
+    """Raise UnsupportedArchitectureError unless models of ``family`` (an adapter name) can be
+    written as GGUF (``EXPORT_FAMILIES``); ``where`` prefixes the message."""
+    if family not in EXPORT_FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"{where}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r} "
+            "(llama.cpp's per-layer arch 'deci' has no q/k norms or granite multipliers)"
+        )
+
+
 def export_gguf(
     folder: str | os.PathLike,
     output: str | os.PathLike,
@@ -229,11 +239,7 @@ def export_gguf(
     source = Path(os.fspath(folder)).expanduser()
     model = load_pruned(source, dtype="float32")
     adapter = get_adapter(model)
-    if adapter.name not in EXPORT_FAMILIES:
-        raise UnsupportedArchitectureError(
-            f"{source}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {adapter.name!r} "
-            "(llama.cpp's per-layer arch 'deci' has no q/k norms or granite multipliers)"
-        )
+    check_exportable(adapter.name, str(source))
     config = model.config
     layers = adapter.layers(model)
     shapes = [_validate_layer(adapter, i, layer, config.hidden_size) for i, layer in enumerate(layers)]

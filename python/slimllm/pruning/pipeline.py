@@ -34,10 +34,11 @@ block with identical results.
 
 Only the current block is moved to ``device``. With ``lazy`` (a
 :class:`slimllm.io.lazy.LazyCheckpoint`, issue 11) the model is a skeleton on the meta device:
-each block is read from the checkpoint just before it is used and released right after (the
-dense pass), or kept, pruned, in the saved dtype (the walk, :func:`_finish_block`). Activations reach the core as C-contiguous
-float32/float64 numpy arrays (bf16/f16 are upcast to float32). Nothing is materialised per head
-or per channel.
+each block is read from the checkpoint just before it is used and released right after; a
+pruned block is dropped once its state file (the output's shard) is written, or kept in the
+saved dtype when there is no state (:func:`_finish_block`). Activations reach the core as
+C-contiguous float32/float64 numpy arrays (bf16/f16 are upcast to float32). Nothing is
+materialised per head or per channel.
 """
 
 from __future__ import annotations
@@ -677,10 +678,8 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         start, entries = state.finished, state.entries
         with timings("resume"):
             for i in range(start):
-                if lazy is not None:
-                    lazy.load_block(i)
                 _restore_block(adapter, slicing, layers[i], entries[i],
-                               layout.layer_tensors(i, state.block(i)))
+                               layout.layer_tensors(i, state.block(i)), assign=lazy is not None)
                 if lazy is not None:
                     lazy.release_block(i)  # streamed: the state file is the output's shard
             if 0 < start < n_layers:  # block 0's inputs are the captured embeddings
@@ -788,9 +787,10 @@ def _plan(config, specs, total_params, importance):
     )
 
 
-def _restore_block(adapter, slicing, layer, entry, tensors):
+def _restore_block(adapter, slicing, layer, entry, tensors, assign=False):
     """Give dense block ``layer`` the shapes its report ``entry`` records and the exact
-    tensors of its pruned state dict (resume)."""
+    tensors of its pruned state dict (resume). ``assign``: the block is on the meta device (a
+    lazy model; its dense weights are never read) and takes the tensors themselves."""
     if entry["heads_removed"]:
         slicing.keep_heads(adapter, layer, entry["kept_heads"],
                            entry["kept_kv_heads"] if entry["kv_heads_removed"] else None)
@@ -800,7 +800,7 @@ def _restore_block(adapter, slicing, layer, entry, tensors):
         bias = tensors.get(f"{name}.bias")
         if isinstance(module, torch.nn.Linear) and module.bias is None and bias is not None:
             slicing.set_linear(module, bias=bias)
-    layer.load_state_dict(tensors, strict=True)
+    layer.load_state_dict(tensors, strict=True, assign=assign)
 
 
 def _mlp_residual_scale(model, layer) -> float:
