@@ -118,6 +118,11 @@ class ModelAdapter:
         """The decoder layers, a ``ModuleList`` of length ``config.num_hidden_layers``."""
         return self.base_model(model).layers
 
+    def layers_prefix(self, model: nn.Module) -> str:
+        """State-dict name of the decoder layer list (``"model.layers"``): layer i's tensors
+        are ``f"{prefix}.{i}.NAME"``."""
+        return "model.layers" if self.base_model(model) is getattr(model, "model", None) else "layers"
+
     def attention(self, layer: nn.Module) -> nn.Module:
         """The attention module of a decoder layer (has q_proj, k_proj, v_proj, o_proj)."""
         return layer.self_attn

@@ -160,8 +160,8 @@ class LazyCheckpoint:
         self._source = source
         self.where = where
         self.adapter = get_adapter(model)
-        names = {id(m): n for n, m in model.named_modules()}
-        self._prefixes = [names[id(layer)] + "." for layer in self.adapter.layers(model)]
+        prefix = self.adapter.layers_prefix(model)
+        self._prefixes = [f"{prefix}.{i}." for i in range(len(self.adapter.layers(model)))]
         wanted = {n for n, _ in model.named_parameters()}
         missing = sorted(wanted - source.names())
         if missing:

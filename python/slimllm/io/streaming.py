@@ -115,13 +115,6 @@ class BlockLayout:
         return {k[len(head):]: v for k, v in tensors.items() if k[len(head):] not in padding}
 
 
-def _layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
-    for name, module in model.named_modules():
-        if module is layers:
-            return name
-    raise CheckpointError("the decoder layers are not a submodule of the model")  # pragma: no cover
-
-
 def _planned_key_shapes(adapter: Any, prefix: str, index: int, layer: nn.Module, shape: LayerShape,
                         biases: list[str], hidden: int) -> dict[str, tuple[int, ...]]:
     """The state-dict names -> shapes of dense ``layer`` once pruned to ``shape`` with
@@ -174,7 +167,7 @@ def plan_layout(model: nn.Module, shapes: list[LayerShape], biases: list[list[st
         ``(layout, config)``: the :class:`BlockLayout` and the config object config.json gets.
     """
     adapter = get_adapter(model)
-    prefix = _layer_prefix(model, adapter.layers(model))
+    prefix = adapter.layers_prefix(model)
     key_shapes = _planned_shapes(model, adapter, prefix, shapes, biases)
     stock = _stock_candidate(model, adapter.name, shapes, biases, key_shapes)
     padding: list[dict[str, list[int]]] = [{} for _ in shapes]
