@@ -392,8 +392,15 @@ impl Moments {
     /// symmetric (DESIGN.md section 2). Raises ``EmptyAccumulatorError``.
     fn covariance<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let inner = &self.inner;
+        let dim = inner.dim();
         let a = py
-            .detach(|| inner.covariance().map(|c| mat_to_array(c.as_ref())))
+            .detach(|| {
+                // Written row-major straight into the buffer numpy takes over (no copy).
+                let mut v = vec![0.0f64; dim * dim];
+                inner
+                    .covariance_into(faer::MatMut::from_row_major_slice_mut(&mut v, dim, dim))
+                    .map(|()| Array2::from_shape_vec((dim, dim), v).expect("shape matches length"))
+            })
             .py_err()?;
         Ok(a.into_pyarray(py))
     }
