@@ -10,6 +10,8 @@
 //! F(K) = Σ_j |ρ_j(K)| of any kept set costs O(|K|² d) from M and O(d) per swap trial of the
 //! greedy search ([`select_heads`]), with no pass over the calibration tokens.
 
+use std::borrow::Cow;
+
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
@@ -19,6 +21,10 @@ use crate::moments::{check_finite, shape_mismatch};
 
 /// M[a, b, j] = W_o[j, a]ᵀ C[a, b] W_o[j, b] for every pair of units (heads, or KV groups after
 /// [`HeadPairStats::group`]) and every output coordinate j; stored row-major as (units, units, d).
+///
+/// The data is owned (from [`HeadPairStats::compute`], [`HeadPairStats::from_vec`],
+/// [`HeadPairStats::group`]) or borrowed from the caller ([`HeadPairStats::from_slice`], e.g.
+/// a numpy buffer viewed without a copy); the lifetime `'a` is that of the borrowed data.
 ///
 /// For a kept set K: cov(y_K,j, y_j) = Σ_{a∈K} Σ_b M[a,b,j]; var(y_K,j) = Σ_{a,b∈K} M[a,b,j];
 /// var(y_j) = Σ_{a,b} M[a,b,j] (DESIGN.md section 2). Units of M: squared output units.
@@ -37,10 +43,10 @@ use crate::moments::{check_finite, shape_mismatch};
 /// # Ok::<(), slimllm_core::SlimError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
-pub struct HeadPairStats {
+pub struct HeadPairStats<'a> {
     units: usize,
     d: usize,
-    data: Vec<f64>,
+    data: Cow<'a, [f64]>,
 }
 
 /// |ρ| of one output coordinate; 0 when either variance is not positive (never NaN).
@@ -53,7 +59,7 @@ fn abs_rho(cov: f64, var_k: f64, var: f64) -> f64 {
     }
 }
 
-impl HeadPairStats {
+impl HeadPairStats<'static> {
     /// Compute M from the covariance `cov` (D × D) of the o_proj input and `w_o` (d × D), with
     /// `num_heads` = H heads of h = D / H columns each.
     ///
@@ -160,29 +166,61 @@ impl HeadPairStats {
                 data[(b * hh + a) * d..(b * hh + a + 1) * d].copy_from_slice(src);
             }
         }
-        Ok(Self { units: hh, d, data })
+        Ok(Self {
+            units: hh,
+            d,
+            data: Cow::Owned(data),
+        })
     }
 
-    /// Wrap an existing row-major (units, units, d) array: `data[(a·units + b)·d + j]` is
-    /// M[a, b, j]. Errors: `ShapeMismatch` (length ≠ units²·d), `NonFinite` (row = a·units + b,
-    /// col = j).
+    /// Take ownership of a row-major (units, units, d) array: `data[(a·units + b)·d + j]` is
+    /// M[a, b, j]. Errors as [`HeadPairStats::from_slice`].
     pub fn from_vec(units: usize, d: usize, data: Vec<f64>) -> Result<Self> {
-        let expected = units * units * d;
-        if data.len() != expected {
-            return Err(shape_mismatch(
-                "head-pair data length (units*units*d)",
-                expected,
-                data.len(),
-            ));
-        }
-        if let Some(k) = data.iter().position(|v| !v.is_finite()) {
-            return Err(SlimError::NonFinite {
-                what: "head-pair data (row = a*units + b)".into(),
-                row: k / d.max(1),
-                col: k % d.max(1),
-            });
-        }
-        Ok(Self { units, d, data })
+        check_pair_data(units, d, &data)?;
+        Ok(Self {
+            units,
+            d,
+            data: Cow::Owned(data),
+        })
+    }
+}
+
+/// Length and finiteness checks of row-major (units, units, d) head-pair data.
+fn check_pair_data(units: usize, d: usize, data: &[f64]) -> Result<()> {
+    let expected = units * units * d;
+    if data.len() != expected {
+        return Err(shape_mismatch(
+            "head-pair data length (units*units*d)",
+            expected,
+            data.len(),
+        ));
+    }
+    if let Some(k) = data.iter().position(|v| !v.is_finite()) {
+        return Err(SlimError::NonFinite {
+            what: "head-pair data (row = a*units + b)".into(),
+            row: k / d.max(1),
+            col: k % d.max(1),
+        });
+    }
+    Ok(())
+}
+
+impl<'a> HeadPairStats<'a> {
+    /// Borrow a row-major (units, units, d) array without copying it:
+    /// `data[(a·units + b)·d + j]` is M[a, b, j]. Errors: `ShapeMismatch` (length ≠ units²·d),
+    /// `NonFinite` (row = a·units + b, col = j).
+    pub fn from_slice(units: usize, d: usize, data: &'a [f64]) -> Result<Self> {
+        check_pair_data(units, d, data)?;
+        Ok(Self {
+            units,
+            d,
+            data: Cow::Borrowed(data),
+        })
+    }
+
+    /// The row-major (units, units, d) data as an owned vector (no copy if owned already).
+    pub fn into_vec(self) -> Vec<f64> {
+        self.data.into_owned()
     }
 
     /// Number of units (heads or groups).
@@ -205,15 +243,19 @@ impl HeadPairStats {
     }
 
     /// Sum consecutive blocks of `units / groups` units into one (heads -> KV groups):
-    /// M'[g, g', j] = Σ_{a∈g, b∈g'} M[a, b, j].
+    /// M'[g, g', j] = Σ_{a∈g, b∈g'} M[a, b, j]. With `groups == units` (one unit per group,
+    /// e.g. MHA) M' = M, borrowed from `self` without a copy.
     /// Errors: `InvalidCount` when `groups` is 0, exceeds `units` or does not divide it.
-    pub fn group(&self, groups: usize) -> Result<HeadPairStats> {
+    pub fn group(&self, groups: usize) -> Result<HeadPairStats<'_>> {
         if groups == 0 || groups > self.units || self.units % groups != 0 {
             return Err(SlimError::InvalidCount {
                 what: format!("groups (must divide units = {})", self.units),
                 value: groups,
                 max: self.units,
             });
+        }
+        if groups == self.units {
+            return HeadPairStats::from_slice(groups, self.d, &self.data[..]);
         }
         let k = self.units / groups;
         let d = self.d;
@@ -229,7 +271,7 @@ impl HeadPairStats {
         Ok(HeadPairStats {
             units: groups,
             d,
-            data,
+            data: Cow::Owned(data),
         })
     }
 
@@ -325,7 +367,7 @@ pub(crate) fn index_mask(n: usize, idx: &[usize], what: &str) -> Result<Vec<bool
 
 /// Running sums of a kept set K used by the objective and by the swap search.
 struct SetSums<'a> {
-    m: &'a HeadPairStats,
+    m: &'a HeadPairStats<'a>,
     /// r_a[j] = Σ_b M[a,b,j] (independent of K).
     rows: Vec<f64>,
     /// var(y_j) = Σ_{a,b} M[a,b,j].
@@ -341,7 +383,7 @@ struct SetSums<'a> {
 }
 
 impl<'a> SetSums<'a> {
-    fn new(m: &'a HeadPairStats, mask: &[bool]) -> Self {
+    fn new(m: &'a HeadPairStats<'a>, mask: &[bool]) -> Self {
         let (u, d) = (m.units, m.d);
         let rows = m.row_sums();
         let var = (0..d)
@@ -485,7 +527,7 @@ pub struct HeadSelection {
 /// # Ok::<(), slimllm_core::SlimError>(())
 /// ```
 pub fn select_heads(
-    m: &HeadPairStats,
+    m: &HeadPairStats<'_>,
     n_prune: usize,
     num_kv_heads: usize,
     mode: HeadMode,
@@ -560,7 +602,12 @@ struct SearchResult {
 
 /// Score-based selection plus the optional one-pass swap search on the units of `m`.
 /// `group_of[u]` is the constraint group of unit u; `quota[g]` the units pruned in group g.
-fn search(m: &HeadPairStats, group_of: &[usize], quota: &[usize], greedy: bool) -> SearchResult {
+fn search(
+    m: &HeadPairStats<'_>,
+    group_of: &[usize],
+    quota: &[usize],
+    greedy: bool,
+) -> SearchResult {
     let u = m.units();
     let scores = m.scores();
     // descending score, ties by lower index

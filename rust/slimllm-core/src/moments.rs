@@ -13,8 +13,9 @@
 
 use std::sync::OnceLock;
 
+use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self, BlockStructure};
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::error::{Result, SlimError};
@@ -154,7 +155,7 @@ fn check_cols<T>(x: MatRef<'_, T>, dim: usize, what: &str) -> Result<()> {
 }
 
 /// Mirror the strict lower triangle of a square matrix into its upper triangle.
-pub(crate) fn mirror_lower(a: &mut Mat<f64>) {
+pub(crate) fn mirror_lower(mut a: MatMut<'_, f64>) {
     // Tiled, so that the transposed writes stay in cache.
     const T: usize = 64;
     let n = a.nrows();
@@ -299,14 +300,16 @@ impl Moments {
                             self.cgram[(i, j)] + c[i] * cs[j] + cs[i] * c[j] + n * c[i] * c[j];
                     }
                 }
-                mirror_lower(&mut g);
+                mirror_lower(g.as_mut());
                 g
             })
             .as_ref()
     }
 
     /// Add a chunk `x` of shape (tokens, dim): n += tokens, s += Σ rows,
-    /// S += xᵀx (one f64 matrix product of the upcast chunk, `par` passed to faer).
+    /// S += xᵀx (lower triangle only, by 256-column panels of faer products on the upcast,
+    /// shifted chunk copied once to (tokens, dim) column-major; `par` passed to faer).
+    /// Scratch memory: tokens × dim f64.
     ///
     /// Errors: `ShapeMismatch` if `x.ncols() != dim`, `NonFinite` (row, col of the first bad
     /// value in row-major order) before anything is added. An empty chunk is a no-op.
@@ -324,32 +327,44 @@ impl Moments {
             self.shift.clone()
         };
         // One pass: finiteness check, upcast, shift, raw and shifted column sums, into
-        // temporaries only. The shifted copy keeps the input's memory layout.
+        // temporaries only. The shifted copy is (tokens, dim) column-major whatever the input
+        // layout (the layout faer's product is fastest with: Xᵀ row-major times X).
         let mut s = vec![0.0; dim];
         let mut cs = vec![0.0; dim];
-        let (xc, transposed) = match &lines {
+        let xc = match &lines {
             Lines::Rows(rows) => {
-                // (dim, tokens): column t = shifted row t
-                let mut xc = Mat::<f64>::zeros(dim, n);
-                for (t, row) in rows.iter().enumerate() {
-                    let dst = xc.col_mut(t).try_as_col_major_mut().unwrap();
-                    let dst = dst.as_slice_mut();
+                // Tiled transpose: TILE rows at a time, written column by column.
+                const TILE: usize = 32;
+                let mut xc = Mat::<f64>::zeros(n, dim);
+                for t0 in (0..n).step_by(TILE) {
+                    let block = &rows[t0..(t0 + TILE).min(n)];
+                    let mut bad: Option<(usize, usize)> = None;
                     for c in 0..dim {
-                        let v = row[c].to_f64();
-                        if !v.is_finite() {
-                            return Err(SlimError::NonFinite {
-                                what: "x".into(),
-                                row: t,
-                                col: c,
-                            });
+                        let dst = xc.col_mut(c).try_as_col_major_mut().unwrap();
+                        let dst = &mut dst.as_slice_mut()[t0..t0 + block.len()];
+                        let (mut sc, mut csc) = (0.0, 0.0);
+                        for (k, (d, row)) in dst.iter_mut().zip(block).enumerate() {
+                            let v = row[c].to_f64();
+                            if !v.is_finite() && bad.is_none_or(|(br, _)| k < br) {
+                                bad = Some((k, c));
+                            }
+                            let y = v - shift[c];
+                            sc += v;
+                            csc += y;
+                            *d = y;
                         }
-                        let y = v - shift[c];
-                        s[c] += v;
-                        cs[c] += y;
-                        dst[c] = y;
+                        s[c] += sc;
+                        cs[c] += csc;
+                    }
+                    if let Some((k, col)) = bad {
+                        return Err(SlimError::NonFinite {
+                            what: "x".into(),
+                            row: t0 + k,
+                            col,
+                        });
                     }
                 }
-                (xc, true)
+                xc
             }
             Lines::Cols(cols) => {
                 let mut xc = Mat::<f64>::zeros(n, dim);
@@ -378,46 +393,57 @@ impl Moments {
                         col,
                     });
                 }
-                (xc, false)
+                xc
             }
         };
         drop(lines);
         self.shift = shift;
-        self.add_shifted_chunk(&xc, transposed, &s, &cs, par);
+        self.add_shifted_chunk(xc.as_ref(), &s, &cs, par);
         Ok(())
     }
 
     /// The non-generic part of [`Moments::update`] (kept out of the generic function so that
-    /// faer's product is compiled once, in this crate): add a checked, shifted chunk `xc`
-    /// ((tokens, dim), or (dim, tokens) if `transposed`) and its raw and shifted column sums.
+    /// faer's product is compiled once, in this crate): add a checked, shifted chunk `xc_tok`
+    /// (tokens, dim) and its raw and shifted column sums.
     #[inline(never)]
-    fn add_shifted_chunk(
-        &mut self,
-        xc: &Mat<f64>,
-        transposed: bool,
-        s: &[f64],
-        cs: &[f64],
-        par: Par,
-    ) {
-        let xc_tok: MatRef<'_, f64> = if transposed {
-            xc.as_ref().transpose()
-        } else {
-            xc.as_ref()
-        };
+    fn add_shifted_chunk(&mut self, xc_tok: MatRef<'_, f64>, s: &[f64], cs: &[f64], par: Par) {
         self.sum.iter_mut().zip(s).for_each(|(a, b)| *a += b);
         self.csum.iter_mut().zip(cs).for_each(|(a, b)| *a += b);
-        // Lower triangle of Σ (x-c)(x-c)^T: one (triangular) matrix product.
-        triangular::matmul(
-            self.cgram.as_mut(),
-            BlockStructure::TriangularLower,
-            Accum::Add,
-            xc_tok.transpose(),
-            BlockStructure::Rectangular,
-            xc_tok,
-            BlockStructure::Rectangular,
-            1.0,
-            par,
-        );
+        // Lower triangle of Σ (x-c)(x-c)^T (a symmetric rank-k update), by column panels of
+        // width PANEL: the diagonal block by a triangular product, everything below it by
+        // one rectangular product (faer's general kernel, much faster than its recursive
+        // triangular one). No entry above the diagonal is written.
+        const PANEL: usize = 256;
+        let dim = self.dim;
+        let xt = xc_tok.transpose(); // (dim, tokens)
+        let mut j0 = 0;
+        while j0 < dim {
+            let w = PANEL.min(dim - j0);
+            let panel = xc_tok.subcols(j0, w); // (tokens, w)
+            triangular::matmul(
+                self.cgram.as_mut().submatrix_mut(j0, j0, w, w),
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                xt.subrows(j0, w),
+                BlockStructure::Rectangular,
+                panel,
+                BlockStructure::Rectangular,
+                1.0,
+                par,
+            );
+            let below = dim - j0 - w;
+            if below > 0 {
+                matmul(
+                    self.cgram.as_mut().submatrix_mut(j0 + w, j0, below, w),
+                    Accum::Add,
+                    xt.subrows(j0 + w, below),
+                    panel,
+                    1.0,
+                    par,
+                );
+            }
+            j0 += w;
+        }
         self.count += xc_tok.nrows() as u64;
         self.gram_cache = OnceLock::new();
     }
@@ -471,17 +497,43 @@ impl Moments {
     /// Computed from the shifted sums, so a constant feature has exactly zero row/column.
     /// Errors: `EmptyAccumulator`.
     pub fn covariance(&self) -> Result<Mat<f64>> {
-        let n = self.nonempty("moments (covariance)")?;
-        let cs = &self.csum;
         let mut c = Mat::zeros(self.dim, self.dim);
+        self.covariance_into(c.as_mut())?;
+        Ok(c)
+    }
+
+    /// [`Moments::covariance`] written into `out` (dim × dim, any strides; e.g. a row-major
+    /// buffer the caller hands on without a copy). Every entry of `out` is overwritten.
+    /// One sequential pass over the lower triangle plus a tiled mirror: O(dim²), no
+    /// allocation. Errors: `ShapeMismatch` (out not dim × dim), `EmptyAccumulator`.
+    pub fn covariance_into(&self, out: MatMut<'_, f64>) -> Result<()> {
+        if out.nrows() != self.dim {
+            return Err(shape_mismatch(
+                "covariance output rows",
+                self.dim,
+                out.nrows(),
+            ));
+        }
+        check_cols(out.as_ref(), self.dim, "covariance output")?;
+        let n = self.nonempty("moments (covariance)")?;
+        // C is symmetric: fill the lower triangle of whichever of out / outᵀ is column-major,
+        // so that reads (columns of cgram) and writes are both contiguous.
+        let mut c = if out.row_stride() != 1 && out.col_stride() == 1 {
+            out.transpose_mut()
+        } else {
+            out
+        };
+        let cs = &self.csum;
         for j in 0..self.dim {
             let mj = cs[j] / n;
-            for i in j..self.dim {
-                c[(i, j)] = (self.cgram[(i, j)] - cs[i] * mj) / n;
+            let src = &self.cgram.col(j).try_as_col_major().unwrap().as_slice()[j..];
+            let mut dst = c.as_mut().col_mut(j).subrows_mut(j, self.dim - j);
+            for (k, (g, csi)) in src.iter().zip(&cs[j..]).enumerate() {
+                dst[k] = (g - csi * mj) / n;
             }
         }
-        mirror_lower(&mut c);
-        Ok(c)
+        mirror_lower(c);
+        Ok(())
     }
 
     /// Rows `rows` of the covariance: C[rows, :] (|rows| × dim), without building all of C.

@@ -60,7 +60,7 @@ fn affine_from_stats(mean_k: &[f64], mean_full: &[f64], var_k: &[f64], cov: &[f6
 pub fn affine_fit_heads(
     moments: &Moments,
     w_o: MatRef<'_, f64>,
-    m: &HeadPairStats,
+    m: &HeadPairStats<'_>,
     kept: &[usize],
 ) -> Result<AffineFit> {
     let (d, big_d) = w_o.shape();

@@ -366,7 +366,7 @@ fn reference_search(
     }
 }
 
-fn random_m(seed: u64, heads: usize, h: usize, d: usize) -> HeadPairStats {
+fn random_m(seed: u64, heads: usize, h: usize, d: usize) -> HeadPairStats<'static> {
     let (_, w_o, mo) = setup(seed, 60 + heads * h, heads, h, d);
     HeadPairStats::compute(
         mo.covariance().unwrap().as_ref(),
@@ -485,4 +485,39 @@ fn exhaustive_small_case_greedy_not_worse_than_initial() {
     }
     assert!(sel.objective >= sel.initial_objective);
     assert!(sel.objective <= best + 1e-12);
+}
+
+/// Borrowed head-pair data (`from_slice`, as the bindings pass a float64 numpy buffer) gives
+/// the same scores, objective and selections as owned data, with the same errors; grouping
+/// with one unit per group is the identity.
+#[test]
+fn borrowed_data_matches_owned() {
+    let (heads, h, d) = (6, 3, 5);
+    let owned = random_m(41, heads, h, d);
+    let data = owned.as_slice().to_vec();
+    let borrowed = HeadPairStats::from_slice(heads, d, &data).unwrap();
+    assert_eq!(borrowed, owned);
+    assert_eq!(borrowed.scores(), owned.scores());
+    assert_eq!(
+        borrowed.objective(&[0, 2, 5]).unwrap(),
+        owned.objective(&[0, 2, 5]).unwrap()
+    );
+    for (n, g, mode) in [(3, 3, HeadMode::Uniform), (2, 6, HeadMode::KvGroup)] {
+        assert_eq!(
+            select_heads(&borrowed, n, g, mode, true).unwrap(),
+            select_heads(&owned, n, g, mode, true).unwrap()
+        );
+    }
+    assert_eq!(owned.group(heads).unwrap(), owned);
+    assert_eq!(borrowed.clone().into_vec(), data);
+    assert!(matches!(
+        HeadPairStats::from_slice(2, 3, &data[..11]),
+        Err(SlimError::ShapeMismatch { expected: 12, .. })
+    ));
+    let mut bad = data[..12].to_vec();
+    bad[7] = f64::NAN;
+    assert!(matches!(
+        HeadPairStats::from_slice(2, 3, &bad),
+        Err(SlimError::NonFinite { row: 2, col: 1, .. })
+    ));
 }

@@ -408,3 +408,69 @@ fn general_strides_and_mixed_layouts() {
         assert!(max_abs_diff_vec(u, w) < 1e-9);
     }
 }
+
+/// Chunks wider than one product panel (256) and longer than one transpose tile (32), neither
+/// a multiple: row-major and column-major f64 and f32 input give the brute-force covariance,
+/// and `covariance_into` a row-major buffer holds the same matrix.
+#[test]
+fn panels_and_tiles_match_naive() {
+    let mut r = rng(31);
+    let (n, d) = (70, 300);
+    let x = correlated(&mut r, n, d, 3.0);
+    let want = naive_cov(&x);
+    let tol = 1e-12 * max_abs(&want);
+    let xt = x.transpose().to_owned(); // its transpose is a row-major view of x
+    let x32 = Mat::<f32>::from_fn(n, d, |t, j| x[(t, j)] as f32);
+    let want32 = naive_cov(&Mat::from_fn(n, d, |t, j| x32[(t, j)] as f64));
+    let x32t = x32.transpose().to_owned();
+    for (view, want) in [(x.as_ref(), &want), (xt.as_ref().transpose(), &want)] {
+        let mut m = Moments::new(d);
+        m.update(view.subrows(0, 40), par2()).unwrap();
+        m.update(view.subrows(40, n - 40), Par::Seq).unwrap();
+        assert!(max_abs_diff(&m.covariance().unwrap(), want) <= tol);
+    }
+    for view in [x32.as_ref(), x32t.as_ref().transpose()] {
+        let mut m = Moments::new(d);
+        m.update(view, par2()).unwrap();
+        let c = m.covariance().unwrap();
+        assert!(max_abs_diff(&c, &want32) <= tol);
+        let mut buf = vec![f64::NAN; d * d];
+        m.covariance_into(faer::MatMut::from_row_major_slice_mut(&mut buf, d, d))
+            .unwrap();
+        let rm = Mat::from_fn(d, d, |i, j| buf[i * d + j]);
+        assert_eq!(rm, c);
+    }
+    let mut m = Moments::new(d);
+    let mut small = Mat::<f64>::zeros(d, d - 1);
+    assert!(matches!(
+        m.covariance_into(small.as_mut()),
+        Err(SlimError::ShapeMismatch { .. })
+    ));
+    m.update(x.as_ref(), Par::Seq).unwrap();
+    assert!(matches!(
+        m.covariance_into(small.as_mut()),
+        Err(SlimError::ShapeMismatch { .. })
+    ));
+}
+
+/// The first non-finite value in row-major order is reported for a row-major chunk even when
+/// later rows of the same transpose tile, or of later tiles, hold one in an earlier column.
+#[test]
+fn non_finite_first_in_row_major_order_across_tiles() {
+    let (n, d) = (70, 260);
+    let mut xt = Mat::<f32>::zeros(d, n); // xt.transpose() is row-major (n, d)
+    xt[(200, 34)] = f32::NAN;
+    xt[(9, 35)] = f32::INFINITY;
+    xt[(0, 69)] = f32::NAN;
+    let mut m = Moments::new(d);
+    let before = m.clone();
+    assert_eq!(
+        m.update(xt.as_ref().transpose(), par2()).unwrap_err(),
+        SlimError::NonFinite {
+            what: "x".into(),
+            row: 34,
+            col: 200
+        }
+    );
+    assert_eq!(m, before);
+}

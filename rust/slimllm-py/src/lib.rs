@@ -270,8 +270,9 @@ fn mat_to_array(m: MatRef<'_, f64>) -> Array2<f64> {
     Array2::from_shape_vec((r, c), v).expect("shape matches length")
 }
 
-/// Head-pair statistics from an (units, units, d) array argument named `name`.
-fn hps_from_view(v: View<'_>, name: &str) -> slimllm_core::Result<HeadPairStats> {
+/// Head-pair statistics from an (units, units, d) array argument named `name`: a float64
+/// array is borrowed (no copy), a float32 one converted once.
+fn hps_from_view<'a>(v: View<'a>, name: &str) -> slimllm_core::Result<HeadPairStats<'a>> {
     let [u0, u1, d] = v.shape;
     if u0 != u1 {
         return Err(SlimError::ShapeMismatch {
@@ -280,7 +281,10 @@ fn hps_from_view(v: View<'_>, name: &str) -> slimllm_core::Result<HeadPairStats>
             got: u1,
         });
     }
-    HeadPairStats::from_vec(u0, d, v.f64().into_owned())
+    match v.f64() {
+        Cow::Borrowed(s) => HeadPairStats::from_slice(u0, d, s),
+        Cow::Owned(s) => HeadPairStats::from_vec(u0, d, s),
+    }
 }
 
 /// A float64 result vector.
@@ -388,8 +392,15 @@ impl Moments {
     /// symmetric (DESIGN.md section 2). Raises ``EmptyAccumulatorError``.
     fn covariance<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
         let inner = &self.inner;
+        let dim = inner.dim();
         let a = py
-            .detach(|| inner.covariance().map(|c| mat_to_array(c.as_ref())))
+            .detach(|| {
+                // Written row-major straight into the buffer numpy takes over (no copy).
+                let mut v = vec![0.0f64; dim * dim];
+                inner
+                    .covariance_into(faer::MatMut::from_row_major_slice_mut(&mut v, dim, dim))
+                    .map(|()| Array2::from_shape_vec((dim, dim), v).expect("shape matches length"))
+            })
             .py_err()?;
         Ok(a.into_pyarray(py))
     }
@@ -653,7 +664,7 @@ fn head_pair_stats<'py>(
                 par(),
             )?;
             let (u, d) = (m.units(), m.out_dim());
-            Ok(Array3::from_shape_vec((u, u, d), m.as_slice().to_vec()).expect("(H, H, d) data"))
+            Ok(Array3::from_shape_vec((u, u, d), m.into_vec()).expect("(H, H, d) data"))
         })
         .py_err()?;
     Ok(out.into_pyarray(py))
