@@ -58,6 +58,13 @@ class Moments:
         """Add a (tokens, dim) chunk. Raises TypeError, ShapeMismatchError, NonFiniteError."""
     def merge(self, other: Moments) -> None:
         """Add another accumulator's rows. Raises ShapeMismatchError."""
+    def parts(self) -> tuple[int, F64Array, F64Array, F64Array, F64Array]:
+        """(count, sum (dim,), shift (dim,), shifted_sum (dim,), shifted_gram (dim, dim),
+        lower triangle): the exact state, for moving it between processes."""
+    @staticmethod
+    def from_parts(count: int, sum: F64Array, shift: F64Array, shifted_sum: F64Array,
+                   shifted_gram: F64Array) -> Moments:
+        """Rebuild from parts(). Raises ShapeMismatchError, NonFiniteError, TypeError."""
     def mean(self) -> F64Array:
         """mu = s / n, shape (dim,). Raises EmptyAccumulatorError."""
     def covariance(self) -> F64Array:
@@ -78,6 +85,9 @@ class SquareSums:
         """Add a (tokens, dim) chunk. Raises TypeError, ShapeMismatchError, NonFiniteError."""
     def merge(self, other: SquareSums) -> None:
         """Add another accumulator's rows. Raises ShapeMismatchError."""
+    @staticmethod
+    def from_parts(count: int, sum_squares: F64Array) -> SquareSums:
+        """Rebuild from count and sum_squares (dim,). Raises NonFiniteError."""
     def norms(self) -> F64Array:
         """sqrt(sum x_i^2) per feature, shape (dim,)."""
 
@@ -93,6 +103,11 @@ class PairedMoments:
         """Add (tokens, dim) chunks. Raises TypeError, ShapeMismatchError, NonFiniteError."""
     def merge(self, other: PairedMoments) -> None:
         """Add another accumulator's rows. Raises ShapeMismatchError."""
+    def parts(self) -> tuple[int, F64Array]:
+        """(count, parts (11, dim)): sums, shifts and shifted sums, the exact state."""
+    @staticmethod
+    def from_parts(count: int, parts: F64Array) -> PairedMoments:
+        """Rebuild from parts(). Raises ShapeMismatchError, NonFiniteError."""
 
 # ---------------------------------------------------------------------------- heads
 

@@ -32,6 +32,10 @@ class CheckpointError(SlimLLMError, OSError):
     """A model folder or file is missing, corrupt, or could not be written."""
 
 
+class DistributedError(SlimLLMError, ValueError):
+    """A run over several processes (torchrun) asked for something it cannot do exactly."""
+
+
 __all__ = [
     "SlimLLMError",
     "ShapeMismatchError",
@@ -44,4 +48,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "CalibrationError",
     "CheckpointError",
+    "DistributedError",
 ]

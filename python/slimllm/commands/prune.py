@@ -180,6 +180,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
+    from slimllm.errors import DistributedError
+    from slimllm.pruning.distributed import from_environment
+
+    dist = from_environment(config.device)  # torchrun with several processes, else None
+    if dist is not None and args.resume:
+        raise DistributedError("--resume is not supported with several processes (torchrun)")
     output = Path(os.path.expanduser(args.output))
     check_output_folder(output)
     gguf_file = None if args.gguf is None else Path(os.path.expanduser(args.gguf)).absolute()
@@ -209,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     from slimllm.pruning.resume import STATE_NAME, PruneState
 
     state = PruneState.open(state_dir)  # not a state folder: fail before loading the model
+    if dist is not None:
+        dist.barrier()  # every rank has checked the output folders before rank 0 writes any
     if state.resumable:  # other settings: refuse now; model and calibration after loading
         state.check({"config": config.to_dict()})
     if args.threads is not None:
@@ -266,11 +274,14 @@ def run(args: argparse.Namespace) -> int:
             dataset_split=args.calib_split,
         )
     t_calib = time.perf_counter() - t0
+    if dist is not None:
+        dist.same_tokens(calib.input_ids)
 
     manifest = state_dir / STATE_NAME
     recorded = manifest.stat().st_mtime_ns if manifest.is_file() else None
     try:
-        model, report = prune_model(model, tokenizer, calib, config, state_dir=state_dir, lazy=lazy)
+        model, report = prune_model(model, tokenizer, calib, config, lazy=lazy, dist=dist,
+                                    state_dir=state_dir if dist is None or dist.rank == 0 else None)
     except (Exception, KeyboardInterrupt):
         if manifest.is_file() and manifest.stat().st_mtime_ns != recorded:  # progress was kept
             print(f"slimllm prune: the finished blocks are kept in {state_dir}; rerun the same "
@@ -281,6 +292,9 @@ def run(args: argparse.Namespace) -> int:
     report["timings"]["loading"] = round(t_load, 6)
     report["timings"]["calibration_data"] = round(t_calib, 6)
 
+    if dist is not None and dist.rank != 0:  # rank 0 writes the output
+        dist.barrier()
+        return 0
     t0 = time.perf_counter()
     if args.resume:
         remove_interrupted_saves(output)
@@ -316,6 +330,8 @@ def run(args: argparse.Namespace) -> int:
         f"load {t_load:.1f} s, calibration data {t_calib:.1f} s, prune "
         f"{report['timings']['total']:.1f} s, save {t_save:.1f} s; saved to {output}"
     )
+    if dist is not None:
+        dist.barrier()
     return 0
 
 

@@ -55,7 +55,13 @@ import torch.nn.functional as F
 
 from slimllm import _core
 from slimllm.families.adapters import get_adapter
-from slimllm.errors import CalibrationError, ConfigError, NonFiniteError, SlimLLMError
+from slimllm.errors import (
+    CalibrationError,
+    ConfigError,
+    DistributedError,
+    NonFiniteError,
+    SlimLLMError,
+)
 from slimllm.pruning.ratios import (
     HEAD_MODES,
     count_parameters,
@@ -451,7 +457,7 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 
 
 def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, state_dir=None,
-                lazy=None):
+                lazy=None, dist=None):
     """Prune ``model`` in place, block by block (DESIGN.md sections 1-5), and return it with
     the report.
 
@@ -481,6 +487,11 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
             files), so memory holds one block at a time (:func:`_finish_block`). The
             embeddings are materialised for the capture, and again (in ``lazy.dtype``) before
             returning.
+        dist: optional :class:`slimllm.pruning.distributed.Distributed` (torchrun): this
+            process runs its contiguous share of the calibration chunks and every statistic,
+            cosine sum and token count is combined over the ranks before it is used, so every
+            rank prunes identically (the single-process result up to float64 rounding). Every
+            rank gets the same calibration set; give ``state_dir`` on rank 0 only.
 
     Returns:
         ``(model, report)``: the same model object with smaller Linear modules (and added
@@ -499,6 +510,8 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
         CheckpointError: ``state_dir`` is not a slimllm state folder, or cannot be written.
         ConfigError: ``state_dir`` holds the state of a run with another model, calibration
             set or settings (the message names what differs).
+        DistributedError: ``dist`` with fewer calibration chunks than ranks, or with a
+            resumable ``state_dir``.
         Other ``SlimLLMError`` subclasses from the core, prefixed with the layer and tensor. An
         error during the block walk leaves earlier blocks pruned in memory.
     """
@@ -560,19 +573,31 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
         from slimllm.pruning.resume import PruneState, fingerprint
 
         state = PruneState.open(state_dir)
-        expected = fingerprint(model, chunks, config.to_dict(),
+        expected = fingerprint(model, chunks, _fingerprinted(config, dist),
                                tensors=None if lazy is None else lazy.tensors())
         _return_freed_memory()  # the fingerprint read every source tensor once
         if state.resumable:
+            if dist is not None:
+                raise DistributedError(
+                    f"{state_dir}: resuming is not supported with several processes (the state "
+                    "holds rank 0's hidden states only); delete it to start over"
+                )
             state.check(expected)
             report["resumed_from_block"] = state.finished
+    first_sequence = 0
+    if dist is not None:
+        share = dist.share(len(chunks))
+        first_sequence = sum(c.shape[0] for c in chunks[:share.start])
+        chunks = chunks[share.start:share.stop]
+        report["processes"] = dist.world_size
 
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             report_layers, plan = _walk(model, adapter, layers, specs, chunks, config, device,
-                                        total_params, timings, state, expected, lazy)
+                                        total_params, timings, state, expected, lazy,
+                                        _Reduce(dist, first_sequence))
     finally:
         model.train(was_training)
     if lazy is not None:
@@ -586,6 +611,31 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
     timings.seconds["total"] = time.perf_counter() - t_start
     report["timings"] = {k: round(v, 6) for k, v in timings.seconds.items()}
     return model, report
+
+
+def _fingerprinted(config: PruneConfig, dist) -> dict:
+    """The settings recorded in a resume state: with several processes the world size too, so
+    a single-process run refuses to resume a state holding rank 0's share only."""
+    d = config.to_dict()
+    if dist is not None:
+        d["world_size"] = dist.world_size
+    return d
+
+
+class _Reduce:
+    """What the walk combines over processes (:mod:`slimllm.pruning.distributed`); without
+    ``dist`` every method returns its input. ``first_sequence``: global index of this
+    process's first calibration sequence (for the held-out split)."""
+
+    def __init__(self, dist, first_sequence: int = 0):
+        self.dist = dist
+        self.first_sequence = first_sequence
+
+    def sum(self, *values: float) -> tuple[float, ...]:
+        return values if self.dist is None else self.dist.sum(*values)
+
+    def stat(self, acc):
+        return acc if self.dist is None else self.dist.combine(acc)
 
 
 def _plan_report(plan) -> dict:
@@ -681,12 +731,13 @@ def _finish_block(lazy, i, layer, home, streamed):
 
 
 def _walk(model, adapter, layers, specs, chunks, config, device, total_params, timings,
-          state=None, expected=None, lazy=None):
+          state=None, expected=None, lazy=None, reduce=None):
     from tqdm.auto import tqdm
 
     from slimllm.pruning import slicing
 
     n_layers = len(layers)
+    reduce = reduce or _Reduce(None)
     if lazy is not None:
         lazy.load_outer()
     hidden0, block_kwargs = _capture(model, adapter, chunks, device, timings)
@@ -698,7 +749,7 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         importance = state.importance
     else:
         importance, dense_out = _dense_pass(layers, hidden0, block_kwargs, config, device,
-                                            timings, lazy)
+                                            timings, lazy, reduce)
     plan = _plan(config, specs, total_params, importance)
     layout = None if state is None else _block_layout(model, plan, specs, lazy)
 
@@ -733,13 +784,14 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
         if config.recovery_target == "block":
             target = (reference, _mlp_residual_scale(model, layer))
         h, info = _prune_block(i, layer, adapter, slicing, p, spec, h, block_kwargs[i], config,
-                               timings, target)
+                               timings, target, reduce)
         entry.update(info)
         # drift: pruned block output vs the dense model's output of the same block
         total, count = 0.0, 0
         for y, d in zip(h, reference, strict=True):
             s, k = _mean_cos(y, d.to(y.device))
             total, count = total + s, count + k
+        total, count = reduce.sum(total, count)
         entry["cos_vs_dense_output"] = total / count
         if state is None:
             dense_out[i] = None
@@ -769,7 +821,7 @@ def _block_layout(model, plan, specs, lazy=None):
     return plan_layout(model, shapes, biases, None if lazy is None else lazy.dtype)[0]
 
 
-def _dense_pass(layers, hidden0, block_kwargs, config, device, timings, lazy=None):
+def _dense_pass(layers, hidden0, block_kwargs, config, device, timings, lazy=None, reduce=None):
     """Pass A: every block once on the dense hidden states. Returns ``(importance,
     dense_out)``: s_i = mean over tokens of cos(h_in, h_out) (DESIGN.md section 5) and, per
     block and chunk, its dense outputs (bfloat16, CPU) for the report's drift field."""
@@ -796,6 +848,8 @@ def _dense_pass(layers, hidden0, block_kwargs, config, device, timings, lazy=Non
                     )
                 total, count = total + s, count + k
                 outs.append(y)
+        if reduce is not None:
+            total, count = reduce.sum(total, count)
         dense_out.append([o.to(device="cpu", dtype=torch.bfloat16) for o in outs])
         importance.append(total / count)
         _release(lazy, i, layer, home)
@@ -844,11 +898,14 @@ def _mlp_residual_scale(model, layer) -> float:
     return float(getattr(model.config, "residual_multiplier", 1.0) or 1.0)
 
 
-def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, target=None):
+def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, target=None,
+                 reduce=None):
     """Prune block i in place; returns (next block inputs, report fields).
 
     ``target``: None, or (the dense model's outputs of this block per chunk, m) for
-    ``recovery_target="block"`` (see :func:`_mlp_residual_scale`)."""
+    ``recovery_target="block"`` (see :func:`_mlp_residual_scale`). ``reduce``: a
+    :class:`_Reduce` (statistics and cosine sums over processes)."""
+    reduce = reduce or _Reduce(None)
     attn = adapter.attention(layer)
     mlp = adapter.mlp(layer)
     H, G, hd, Fi = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
@@ -866,13 +923,14 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
                 s, k = _mean_cos(x, y)
                 total, count = total + s, count + k
                 outs.append(y)
+        total, count = reduce.sum(total, count)
         info["layer_cosine"] = total / count
         return outs, info
 
     # ---- pass 1: o_proj inputs ----------------------------------------------------------------
     o_inputs: list = []
     attn_outs: list = []
-    held = _held_out_rows(h) if _auto_damp(config) else None
+    held = _held_out_rows(h, reduce.first_sequence) if _auto_damp(config) else None
     state = {"chunk": 0}
     if prune_heads:
         o_stats = _InputMoments(D, held)
@@ -895,6 +953,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
                         pass
         finally:
             handle.remove()
+        o_stats.combine(reduce)
 
         w_o = attn.o_proj.weight
         w_o64 = _np64(w_o)
@@ -1015,6 +1074,10 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
         for hd_ in handles:
             hd_.remove()
     del o_inputs
+    if prune_channels:
+        in_sq, act_sq, y_mom = reduce.stat(in_sq), reduce.stat(act_sq), reduce.stat(y_mom)
+        if act_mom is not None:
+            act_mom.combine(reduce)
 
     if not prune_channels:
         outs = block_outs
@@ -1072,6 +1135,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
                 with timings("statistics"), _context(f"layer {i}, pruned vs full MLP output"):
                     for yp, yf in zip(y_pruned, y_full):
                         paired.update(_np(yp), _np(yf))
+                paired = reduce.stat(paired)
                 with timings("regression"), _context(f"layer {i}, down_proj recovery"):
                     scale, fit_bias = _core.affine_from_paired(paired)
                     scale, fit_bias = np.asarray(scale), np.asarray(fit_bias)
@@ -1107,6 +1171,7 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
     for x, y in zip(h, outs):
         s, k = _mean_cos(x, y)
         total, count = total + s, count + k
+    total, count = reduce.sum(total, count)
     if not math.isfinite(total):
         raise NonFiniteError(f"layer {i}: non-finite values in the pruned block output")
     info["layer_cosine"] = total / count
@@ -1118,11 +1183,12 @@ def _auto_damp(config: PruneConfig) -> bool:
     return config.ridge_damp == "auto" and config.recovery.startswith("ridge")
 
 
-def _held_out_rows(h: list) -> list:
+def _held_out_rows(h: list, start: int = 0) -> list:
     """Per calibration chunk of ``h`` (each (sequences, tokens, hidden)), a boolean array over
     its flattened (sequences x tokens) rows: True for the tokens of held-out sequences (global
-    sequence index i with i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)."""
-    rows, start = [], 0
+    sequence index i with i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1; ``start``: the global index
+    of the first sequence of ``h``)."""
+    rows = []
     for x in h:
         b, t = x.shape[0], x.shape[1]
         seq = np.arange(start, start + b)
@@ -1151,6 +1217,12 @@ class _InputMoments:
         for acc, part in ((self.fit, arr[~mask]), (self.held, arr[mask])):
             if len(part):
                 acc.update(np.ascontiguousarray(part))
+
+    def combine(self, reduce) -> None:
+        """Replace the accumulators by their combination over processes (:class:`_Reduce`)."""
+        self.fit = reduce.stat(self.fit)
+        if self.held is not None:
+            self.held = reduce.stat(self.held)
 
     def all(self):
         """The ``Moments`` of every row seen (the held-out split merged back)."""

@@ -272,6 +272,53 @@ impl Moments {
         })
     }
 
+    /// The exact internal state `(count, sum, shift, shifted_sum, shifted_gram)`: Σ x, the
+    /// shift c, Σ (x − c) and Σ (x − c)(x − c)ᵀ (`dim × dim`, lower triangle; the upper one is
+    /// zero). With [`Moments::from_shifted_parts`] it moves an accumulator between processes
+    /// without the cancellation of the raw Gram (DESIGN.md section 2); merging the rebuilt
+    /// accumulators equals merging the originals bit for bit.
+    pub fn shifted_parts(&self) -> (u64, &[f64], &[f64], &[f64], MatRef<'_, f64>) {
+        (self.count, &self.sum, &self.shift, &self.csum, self.cgram.as_ref())
+    }
+
+    /// Rebuild an accumulator from [`Moments::shifted_parts`]: `count` rows, raw sum `sum`,
+    /// shift `shift`, shifted sum `shifted_sum` (each of length dim = `sum.len()`) and shifted
+    /// Gram `shifted_gram` (dim × dim; its lower triangle is used).
+    /// Errors: `ShapeMismatch` (a length or the Gram's shape differs from dim), `NonFinite`.
+    pub fn from_shifted_parts(
+        count: u64,
+        sum: Vec<f64>,
+        shift: Vec<f64>,
+        shifted_sum: Vec<f64>,
+        shifted_gram: MatRef<'_, f64>,
+    ) -> Result<Self> {
+        let dim = sum.len();
+        if shift.len() != dim {
+            return Err(shape_mismatch("shift length", dim, shift.len()));
+        }
+        if shifted_sum.len() != dim {
+            return Err(shape_mismatch("shifted_sum length", dim, shifted_sum.len()));
+        }
+        if shifted_gram.nrows() != dim {
+            return Err(shape_mismatch("shifted_gram rows", dim, shifted_gram.nrows()));
+        }
+        check_cols(shifted_gram, dim, "shifted_gram")?;
+        check_finite_slice(&sum, "sum")?;
+        check_finite_slice(&shift, "shift")?;
+        check_finite_slice(&shifted_sum, "shifted_sum")?;
+        check_finite(shifted_gram, "shifted_gram")?;
+        let cgram = Mat::from_fn(dim, dim, |i, j| if i >= j { shifted_gram[(i, j)] } else { 0.0 });
+        Ok(Self {
+            dim,
+            count,
+            sum,
+            shift,
+            csum: shifted_sum,
+            cgram,
+            gram_cache: OnceLock::new(),
+        })
+    }
+
     /// Feature dimension.
     pub fn dim(&self) -> usize {
         self.dim
@@ -586,6 +633,16 @@ impl SquareSums {
             sumsq: vec![0.0; dim],
         }
     }
+    /// Rebuild an accumulator from its parts (`count`, [`SquareSums::sum_squares`]), e.g. sums
+    /// added up over processes; dim = `sum_squares.len()`. Errors: `NonFinite`.
+    pub fn from_parts(count: u64, sum_squares: Vec<f64>) -> Result<Self> {
+        check_finite_slice(&sum_squares, "sum_squares")?;
+        Ok(Self {
+            dim: sum_squares.len(),
+            count,
+            sumsq: sum_squares,
+        })
+    }
     /// Feature dimension.
     pub fn dim(&self) -> usize {
         self.dim
@@ -671,6 +728,9 @@ impl SquareSums {
 // ---------------------------------------------------------------------------------------------
 // PairedMoments
 // ---------------------------------------------------------------------------------------------
+
+/// Number of per-coordinate vectors in [`PairedMoments::parts`].
+pub const PAIRED_PARTS: usize = 11;
 
 /// Per-coordinate cross statistics of two streams of equal width, a pruned output p and the
 /// full output f (DESIGN.md section 3, "Recovery"): n, Σp, Σf, Σp², Σf², Σp·f per coordinate.
@@ -862,6 +922,33 @@ impl PairedMoments {
         self.count += other.count;
         Ok(())
     }
+    /// The exact internal state: `count` and, each of length `dim`, in this order: Σp, Σf,
+    /// Σp², Σf², Σp·f, the shifts cp, cf (the first row) and the shifted sums Σ(p−cp),
+    /// Σ(f−cf), Σ(p−cp)², Σ(p−cp)(f−cf). [`PairedMoments::from_parts`] rebuilds it exactly.
+    pub fn parts(&self) -> (u64, [&[f64]; PAIRED_PARTS]) {
+        (
+            self.count,
+            [
+                &self.sp, &self.sf, &self.spp, &self.sff, &self.spf, &self.cp, &self.cf,
+                &self.dp, &self.df, &self.dpp, &self.dpf,
+            ],
+        )
+    }
+
+    /// Rebuild an accumulator from [`PairedMoments::parts`] (dim = `parts[0].len()`).
+    /// Errors: `ShapeMismatch` (parts of different lengths), `NonFinite`.
+    pub fn from_parts(count: u64, parts: [Vec<f64>; PAIRED_PARTS]) -> Result<Self> {
+        let dim = parts[0].len();
+        for (k, part) in parts.iter().enumerate() {
+            if part.len() != dim {
+                return Err(shape_mismatch(format!("paired moments part {k} length"), dim, part.len()));
+            }
+            check_finite_slice(part, "paired moments part")?;
+        }
+        let [sp, sf, spp, sff, spf, cp, cf, dp, df, dpp, dpf] = parts;
+        Ok(Self { dim, count, sp, sf, spp, sff, spf, cp, cf, dp, df, dpp, dpf })
+    }
+
     /// Σp, Σf, Σp², Σf², Σp·f, each of length `dim`.
     #[allow(clippy::type_complexity)]
     pub fn sums(&self) -> (&[f64], &[f64], &[f64], &[f64], &[f64]) {

@@ -365,6 +365,34 @@ impl Moments {
         .py_err()
     }
 
+    /// The exact state ``(count, sum, shift, shifted_sum, shifted_gram)``: int, then float64
+    /// (dim,), (dim,), (dim,), (dim, dim) (lower triangle, upper zero): sum x, the shift c,
+    /// sum (x - c), sum (x - c)(x - c)^T (DESIGN.md section 2). For moving an accumulator
+    /// between processes (``slimllm.pruning.distributed``) with ``Moments.from_parts``.
+    fn parts<'py>(&self, py: Python<'py>) -> (u64, F64Vec<'py>, F64Vec<'py>, F64Vec<'py>, Bound<'py, PyArray2<f64>>) {
+        let (n, s, c, cs, cg) = self.inner.shifted_parts();
+        (n, vec1(py, s.to_vec()), vec1(py, c.to_vec()), vec1(py, cs.to_vec()), mat_to_array(cg).into_pyarray(py))
+    }
+
+    /// Rebuild a ``Moments`` from ``parts()`` (float64 arrays; dim = len(sum)); merging
+    /// rebuilt accumulators gives exactly what merging the originals gives.
+    /// Raises ``ShapeMismatchError`` (a length or shape differs from dim), ``NonFiniteError``,
+    /// ``TypeError`` (not float64 arrays).
+    #[staticmethod]
+    fn from_parts(
+        count: u64,
+        sum: Vec<f64>,
+        shift: Vec<f64>,
+        shifted_sum: Vec<f64>,
+        shifted_gram: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let g = arr(shifted_gram, "shifted_gram", 2)?;
+        let v = g.view();
+        let buf = v.f64();
+        let inner = mo::Moments::from_shifted_parts(count, sum, shift, shifted_sum, mat(&buf, v.rows(), v.cols())).py_err()?;
+        Ok(Moments { inner })
+    }
+
     /// Add the rows seen by another ``Moments`` (same result as one accumulator having seen
     /// both streams). Raises ``ShapeMismatchError`` on a different ``dim``.
     fn merge(slf: &Bound<'_, Self>, other: &Bound<'_, Self>) -> PyResult<()> {
@@ -469,6 +497,13 @@ impl SquareSums {
         .py_err()
     }
 
+    /// Rebuild a ``SquareSums`` from ``count`` and ``sum_squares`` (float64 (dim,)), e.g.
+    /// sums added up over processes. Raises ``NonFiniteError``.
+    #[staticmethod]
+    fn from_parts(count: u64, sum_squares: Vec<f64>) -> PyResult<Self> {
+        Ok(SquareSums { inner: mo::SquareSums::from_parts(count, sum_squares).py_err()? })
+    }
+
     /// Add the rows seen by another ``SquareSums``. Raises ``ShapeMismatchError`` on a
     /// different ``dim``.
     fn merge(slf: &Bound<'_, Self>, other: &Bound<'_, Self>) -> PyResult<()> {
@@ -559,6 +594,31 @@ impl PairedMoments {
             }
         })
         .py_err()
+    }
+
+    /// The exact state ``(count, parts)``: parts float64 (11, dim), rows sum p, sum f,
+    /// sum p^2, sum f^2, sum p*f, the shifts cp, cf and sum (p-cp), sum (f-cf),
+    /// sum (p-cp)^2, sum (p-cp)(f-cf) (DESIGN.md section 3, "Recovery").
+    fn parts<'py>(&self, py: Python<'py>) -> (u64, Bound<'py, PyArray2<f64>>) {
+        let (n, parts) = self.inner.parts();
+        let dim = self.inner.dim();
+        let a = Array2::from_shape_fn((mo::PAIRED_PARTS, dim), |(k, c)| parts[k][c]);
+        (n, a.into_pyarray(py))
+    }
+
+    /// Rebuild a ``PairedMoments`` from ``parts()``. Raises ``ShapeMismatchError`` (parts not
+    /// (11, dim)), ``NonFiniteError``.
+    #[staticmethod]
+    fn from_parts(count: u64, parts: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let p = arr(parts, "parts", 2)?;
+        let v = p.view();
+        if v.rows() != mo::PAIRED_PARTS {
+            return Err(shape_err("parts rows".to_string(), mo::PAIRED_PARTS, v.rows()));
+        }
+        let buf = v.f64();
+        let cols = v.cols();
+        let vecs: [Vec<f64>; mo::PAIRED_PARTS] = std::array::from_fn(|k| buf[k * cols..(k + 1) * cols].to_vec());
+        Ok(PairedMoments { inner: mo::PairedMoments::from_parts(count, vecs).py_err()? })
     }
 
     /// Add the rows seen by another ``PairedMoments``. Raises ``ShapeMismatchError`` on a
