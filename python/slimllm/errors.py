@@ -32,6 +32,11 @@ class CheckpointError(SlimLLMError, OSError):
     """A model folder or file is missing, corrupt, or could not be written."""
 
 
+class MissingDependencyError(SlimLLMError, ImportError):
+    """An optional package a feature needs is not installed; the message names it and how to
+    install it."""
+
+
 __all__ = [
     "SlimLLMError",
     "ShapeMismatchError",
@@ -44,4 +49,5 @@ __all__ = [
     "UnsupportedArchitectureError",
     "CalibrationError",
     "CheckpointError",
+    "MissingDependencyError",
 ]
