@@ -5,7 +5,7 @@ Without llama.cpp: tiny pruned models with per-layer shapes written to GGUF and 
 tensor equals the model's after undoing the RoPE row permutation (brute force, head by head),
 recovery biases present; typed errors leave no file behind.
 
-With llama-cpp-python (stock llama.cpp): the exported file loads, its logits on the same token
+With llama-cpp-python (stock llama.cpp, driven by slimllm.evaluation.llamacpp): the exported file loads, its logits on the same token
 ids match transformers' (float32 export: max abs diff < 1e-3 on the tiny model, same argmax at
 every position), tokenizer ids match; slow: SmolLM2 pruned by 20% with per-layer shapes,
 logits and WikiText-2 perplexity (64 windows of 128 tokens) within 1% of slimllm's own.
@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from conftest import require
-from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
+from slimllm.errors import CheckpointError, ConfigError, MissingDependencyError, UnsupportedArchitectureError
+from slimllm.evaluation import llamacpp
 from slimllm.io.checkpoint import load_pruned, load_tokenizer, save_pruned
 from slimllm.io.gguf_export import export_gguf
 from slimllm.pruning.pipeline import PruneConfig, prune_model
@@ -192,28 +193,13 @@ def test_cli_export(make_tiny_model, tiny_tokenizer, tmp_path, capsys):
 def _llama_cpp():
     require(importlib.util.find_spec("llama_cpp") is not None,
             "package llama-cpp-python (CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python)")
-    import llama_cpp
-
+    llama_cpp = llamacpp.import_llama_cpp()
     print(f"llama-cpp-python {llama_cpp.__version__}")
     return llama_cpp
 
 
-def _llama_logits(llama_cpp, path, windows: np.ndarray) -> np.ndarray:
-    """(n_windows, seq_len, vocab) float32 logits of llama.cpp on each window, from an empty cache."""
-    n_ctx = int(windows.shape[1])
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_threads=2, n_ctx=n_ctx,
-                          n_batch=n_ctx, verbose=False)
-    out = []
-    for window in windows:
-        llm.reset()
-        llm.eval(window.tolist())
-        out.append(np.array(llm.scores[:n_ctx], dtype=np.float32))
-    return np.stack(out), llm
-
-
-def _nll(logits: np.ndarray, windows: np.ndarray) -> np.ndarray:
-    logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
-    return -logp[:, :-1].gather(-1, torch.from_numpy(windows[:, 1:]).long()[..., None])[..., 0].numpy()
+def _load(path, windows):
+    return llamacpp.load_gguf(path, n_ctx=int(windows.shape[1]), n_threads=2, logits_all=True)
 
 
 def test_tiny_model_in_llama_cpp(make_tiny_model, tiny_tokenizer, tmp_path):
@@ -223,7 +209,8 @@ def test_tiny_model_in_llama_cpp(make_tiny_model, tiny_tokenizer, tmp_path):
     model = load_pruned(folder)
     ids = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
     windows = np.array([ids[:20]])
-    logits, llm = _llama_logits(llama_cpp, out, windows)
+    llm = _load(out, windows)
+    logits = llamacpp.window_logits(llm, windows)
     with torch.no_grad():
         ref = model(torch.tensor(windows)).logits.numpy()
     diff = float(np.abs(logits - ref).max())
@@ -231,6 +218,39 @@ def test_tiny_model_in_llama_cpp(make_tiny_model, tiny_tokenizer, tmp_path):
     assert diff < 1e-3
     assert (logits.argmax(-1) == ref.argmax(-1)).all()
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids
+
+
+def test_llamacpp_perplexity_and_speed(make_tiny_model, tiny_tokenizer, tmp_path):
+    """llamacpp.perplexity over tokenize_windows windows equals exp(mean NLL) of transformers
+    on the same windows (f32 export, 1e-4); compare_speed reports medians of its repeats."""
+    from slimllm.evaluation.evaluate import tokenize_windows, window_nll
+
+    _llama_cpp()
+    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path)
+    out = export_gguf(folder, tmp_path / "model.gguf")
+    windows = tokenize_windows(tiny_tokenizer, TEXT * 4, 16, 5)
+    got = llamacpp.perplexity(out, windows, n_threads=2)
+    want = math.exp(window_nll(load_pruned(folder), windows).mean().item())
+    assert (got.windows, got.seq_len, got.tokens) == (5, 16, 75)
+    assert got.ppl == pytest.approx(want, rel=1e-4)
+    llms = [llamacpp.load_gguf(out, n_ctx=32, n_threads=1) for _ in range(2)]
+    speeds = llamacpp.compare_speed(llms, prompt_len=8, new_tokens=4, repeats=3)
+    for s in speeds:
+        assert len(s.prefill_all_s) == len(s.decode_all_s) == 3 and s.threads == 1
+        assert s.decode_tokens_per_s == pytest.approx(4 / sorted(s.decode_all_s)[1])
+        assert s.prefill_tokens_per_s == pytest.approx(8 / sorted(s.prefill_all_s)[1])
+    with pytest.raises(ConfigError, match="context of"):
+        llamacpp.compare_speed(llms, prompt_len=llms[0].n_ctx(), new_tokens=1)
+    with pytest.raises(ConfigError, match="logits_all"):
+        llamacpp.window_nll(llms[0], windows.numpy())
+    with pytest.raises(CheckpointError, match="not found"):
+        llamacpp.load_gguf(tmp_path / "none.gguf", n_ctx=8)
+
+
+def test_llamacpp_missing_package_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # import raises ImportError
+    with pytest.raises(MissingDependencyError, match="llama-cpp-python"):
+        llamacpp.load_gguf("any.gguf", n_ctx=8)
 
 
 @pytest.mark.slow
@@ -248,12 +268,19 @@ def test_smollm2_pruned_in_llama_cpp(smollm2_gguf, data_dir, tmp_path):
     assert len({layer.mlp.gate_proj.out_features for layer in model.model.layers}) > 1
     text, _ = load_ppl_text("wikitext2", data_dir)
     windows = tokenize_windows(tokenizer, text, 128, 64)
-    logits, llm = _llama_logits(llama_cpp, out, windows.numpy())
+    llm = _load(out, windows)
+    logits = llamacpp.window_logits(llm, windows[:1].numpy())
     with torch.no_grad():
         ref = model(windows[:1]).logits.numpy()
-    diff = float(np.abs(logits[:1] - ref).max())
-    agree = float((logits[:1].argmax(-1) == ref.argmax(-1)).mean())
-    ppl_cpp = math.exp(_nll(logits, windows.numpy()).mean())
+    diff = float(np.abs(logits - ref).max())
+    agree = float((logits.argmax(-1) == ref.argmax(-1)).mean())
+    nll_cpp = llamacpp.window_nll(llm, windows.numpy())
+    # independent of llamacpp.window_nll: torch's log-softmax of the window logits
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1)
+    nll0 = -logp[0, :-1].gather(-1, windows[0, 1:, None])[:, 0].numpy()
+    np.testing.assert_allclose(nll_cpp[0], nll0, rtol=1e-9, atol=1e-9)
+    ppl_cpp = math.exp(nll_cpp.mean())
+    assert llamacpp.perplexity(out, windows, n_threads=2).ppl == pytest.approx(ppl_cpp, rel=1e-6)
     ppl_hf = math.exp(window_nll(model, windows).mean().item())
     print(f"SmolLM2 -20% f32 GGUF: max |logits diff| = {diff:.2e} (window 0), argmax agreement {agree:.4f}, "
           f"WikiText-2 PPL (64 x 128) llama.cpp {ppl_cpp:.3f} vs slimllm {ppl_hf:.3f}")

@@ -36,6 +36,11 @@ class DistributedError(SlimLLMError, ValueError):
     """A run over several processes (torchrun) asked for something it cannot do exactly."""
 
 
+class MissingDependencyError(SlimLLMError, ImportError):
+    """An optional package a feature needs is not installed; the message names it and how to
+    install it."""
+
+
 __all__ = [
     "SlimLLMError",
     "ShapeMismatchError",
@@ -49,4 +54,5 @@ __all__ = [
     "CalibrationError",
     "CheckpointError",
     "DistributedError",
+    "MissingDependencyError",
 ]
