@@ -88,9 +88,14 @@ def test_stub_signatures_match_runtime():
                         a.arg for a in item.args.args[1:]
                     ]
                 else:
+                    is_static = any(getattr(d, "id", None) == "staticmethod"
+                                    for d in item.decorator_list)
+                    assert is_static == isinstance(attr, staticmethod), (
+                        f"{node.name}.{item.name} is a staticmethod"
+                    )
                     sig = inspect.signature(getattr(cls, item.name))
                     assert [p for p in sig.parameters if p != "self"] == [
-                        a.arg for a in item.args.args[1:]
+                        a.arg for a in item.args.args[0 if is_static else 1:]
                     ], f"{node.name}.{item.name}"
 
 
