@@ -391,6 +391,33 @@ def test_speed_fields(tiny, make_tiny_model):
         evaluate.measure_speed(model, prompt_len=0)
 
 
+
+def test_median_timings_interleaves_and_takes_medians():
+    """Warm-ups of all models first, then timed rounds alternating between them; medians of
+    each model's repeats, tokens/s from batch * length over the median."""
+    calls = []
+    seq = {"a": iter([(9.0, 9.0), (1.0, 4.0), (3.0, 2.0), (2.0, 8.0)]),
+           "b": iter([(9.0, 9.0), (5.0, 1.0), (4.0, 3.0), (6.0, 2.0)])}
+
+    def run(name):
+        def go():
+            calls.append(name)
+            return next(seq[name])
+        return go
+
+    a, b = evaluate.median_timings([run("a"), run("b")], prompt_len=8, new_tokens=4,
+                                   warmup=1, repeats=3, batch_size=2)
+    assert calls == ["a", "b"] * 4
+    assert a["prefill_all_s"] == [1.0, 3.0, 2.0] and a["decode_all_s"] == [4.0, 2.0, 8.0]
+    assert (a["prefill_seconds"], a["decode_seconds"]) == (2.0, 4.0)
+    assert (b["prefill_seconds"], b["decode_seconds"]) == (5.0, 2.0)
+    assert a["prefill_tokens_per_s"] == 2 * 8 / 2.0 and a["decode_tokens_per_s"] == 2 * 4 / 4.0
+    r = evaluate.SpeedResult(**a, peak_memory_bytes=None, memory_kind="unavailable", weight_bytes=1,
+                             parameters=1, batch_size=2, device="cpu")
+    assert r.to_dict() == {**a, "peak_memory_bytes": None, "memory_kind": "unavailable",
+                           "weight_bytes": 1, "parameters": 1, "batch_size": 2, "device": "cpu"}
+    assert a["warmup"] == 1 and a["repeats"] == 3 and a["prompt_len"] == 8 and a["new_tokens"] == 4
+
 # ------------------------------------------------------------------------------------ CLI
 
 

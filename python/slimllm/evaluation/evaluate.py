@@ -31,7 +31,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -43,6 +43,7 @@ __all__ = [
     "PPL_DATASETS",
     "PAPER_TASKS",
     "PerplexityResult",
+    "SpeedTimings",
     "SpeedResult",
     "resolve_data_dir",
     "load_ppl_text",
@@ -52,6 +53,7 @@ __all__ = [
     "evaluate_perplexity",
     "check_tasks",
     "zero_shot",
+    "median_timings",
     "measure_speed",
     "compare_speed",
     "format_report",
@@ -552,9 +554,73 @@ def zero_shot(
 # ---------------------------------------------------------------------------------- speed
 
 
-@dataclass
-class SpeedResult:
-    """Inference speed of one model (medians over ``repeats`` after ``warmup`` runs).
+@dataclass(kw_only=True)
+class SpeedTimings:
+    """Prefill and greedy-decode timings of one model: medians over ``repeats`` timed runs
+    after ``warmup`` untimed ones (the fields that :class:`SpeedResult` and
+    :class:`slimllm.evaluation.llamacpp.LlamaCppSpeed` share; built by
+    :func:`median_timings`).
+
+    ``prefill_tokens_per_s`` / ``decode_tokens_per_s``: tokens (batch x ``prompt_len``,
+    batch x ``new_tokens``) over the median ``prefill_seconds`` / ``decode_seconds``;
+    ``prefill_all_s`` / ``decode_all_s``: the ``repeats`` timings in run order, seconds."""
+
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_len: int
+    new_tokens: int
+    warmup: int
+    repeats: int
+    prefill_all_s: list[float] = field(default_factory=list)
+    decode_all_s: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def median_timings(
+    runs: Sequence[Callable[[], tuple[float, float]]],
+    *,
+    prompt_len: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    batch_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Time several models fairly and take medians: every callable of ``runs`` (one per model,
+    returning ``(prefill_seconds, decode_seconds)`` of one run) is first called ``warmup``
+    times untimed, all models' warm-ups before any timing, then ``repeats`` timed rounds
+    alternate between the models (so load on a shared machine hits them alike).
+
+    Returns, per callable in order, the keyword arguments of :class:`SpeedTimings` (tokens/s
+    from ``batch_size * prompt_len`` and ``batch_size * new_tokens`` over the medians). The
+    sizes are not checked here: callers raise :class:`ConfigError` for ``repeats < 1`` first."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    times: list[list[tuple[float, float]]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for ts, run in zip(times, runs):
+            ts.append(run())
+    out = []
+    for ts in times:
+        pre = statistics.median(t[0] for t in ts)
+        dec = statistics.median(t[1] for t in ts)
+        out.append(dict(
+            prefill_tokens_per_s=batch_size * prompt_len / pre,
+            decode_tokens_per_s=batch_size * new_tokens / dec,
+            prefill_seconds=pre, decode_seconds=dec, prompt_len=prompt_len, new_tokens=new_tokens,
+            warmup=warmup, repeats=repeats,
+            prefill_all_s=[t[0] for t in ts], decode_all_s=[t[1] for t in ts]))
+    return out
+
+
+@dataclass(kw_only=True)
+class SpeedResult(SpeedTimings):
+    """Inference speed of one model in transformers (timings as :class:`SpeedTimings`).
 
     ``prefill_tokens_per_s``: ``batch * prompt_len`` / time of one forward over the prompt
     that fills the KV cache (logits of the last position only, as ``generate`` does). ``decode_tokens_per_s``: ``batch * new_tokens`` / time of
@@ -565,26 +631,12 @@ class SpeedResult:
     ``weight_bytes``: parameters + buffers. Times in seconds. On a CPU shared with other
     processes, fewer torch threads (``torch.set_num_threads``) give steadier decode timings."""
 
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    prefill_seconds: float
-    decode_seconds: float
     peak_memory_bytes: int | None
     memory_kind: str
     weight_bytes: int
     parameters: int
-    prompt_len: int
-    new_tokens: int
     batch_size: int
-    warmup: int
-    repeats: int
     device: str
-    prefill_all_s: list[float] = field(default_factory=list)
-    decode_all_s: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return asdict(self)
 
 
 def _sync(device: torch.device) -> None:
@@ -734,39 +786,14 @@ def compare_speed(
     order. Raises :class:`ConfigError` for non-positive sizes."""
     _check_speed_args(prompt_len, new_tokens, batch_size, warmup, repeats)
     runners = [_SpeedRunner(m, prompt_len, new_tokens, batch_size, seed) for m in models]
-    for _ in range(warmup):
-        for r in runners:
-            r.run()
-    times: list[list[tuple[float, float]]] = [[] for _ in runners]
-    for _ in range(repeats):
-        for i, r in enumerate(runners):
-            times[i].append(r.run())
+    timings = median_timings([r.run for r in runners], prompt_len=prompt_len, new_tokens=new_tokens,
+                             warmup=warmup, repeats=repeats, batch_size=batch_size)
     results = []
-    for r, ts in zip(runners, times):
+    for r, timing in zip(runners, timings):
         peak, kind = r.peak_memory()
-        pre = statistics.median(t[0] for t in ts)
-        dec = statistics.median(t[1] for t in ts)
         params, nbytes = _weights(r.model)
-        results.append(
-            SpeedResult(
-                prefill_tokens_per_s=batch_size * prompt_len / pre,
-                decode_tokens_per_s=batch_size * new_tokens / dec,
-                prefill_seconds=pre,
-                decode_seconds=dec,
-                peak_memory_bytes=peak,
-                memory_kind=kind,
-                weight_bytes=nbytes,
-                parameters=params,
-                prompt_len=prompt_len,
-                new_tokens=new_tokens,
-                batch_size=batch_size,
-                warmup=warmup,
-                repeats=repeats,
-                device=str(r.device),
-                prefill_all_s=[t[0] for t in ts],
-                decode_all_s=[t[1] for t in ts],
-            )
-        )
+        results.append(SpeedResult(**timing, peak_memory_bytes=peak, memory_kind=kind, weight_bytes=nbytes,
+                                   parameters=params, batch_size=batch_size, device=str(r.device)))
     return results
 
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from slimllm.errors import CheckpointError, ConfigError, MissingDependencyError
-from slimllm.evaluation.evaluate import PerplexityResult
+from slimllm.evaluation.evaluate import PerplexityResult, SpeedTimings, median_timings
 
 __all__ = [
     "LlamaCppSpeed",
@@ -146,30 +145,17 @@ def perplexity(
                             seq_len=int(windows.shape[1]), seconds=time.perf_counter() - t0)
 
 
-@dataclass
-class LlamaCppSpeed:
-    """Throughput of one GGUF model in llama.cpp (medians over ``repeats``).
+@dataclass(kw_only=True)
+class LlamaCppSpeed(SpeedTimings):
+    """Throughput of one GGUF model in llama.cpp (timings as
+    :class:`~slimllm.evaluation.evaluate.SpeedTimings`).
 
     ``prefill_tokens_per_s``: ``prompt_len`` / time of one decode call over the whole prompt
     from an empty KV cache (logits of the last position only). ``decode_tokens_per_s``:
     ``new_tokens`` / time of ``new_tokens`` greedy one-token calls on that cache (argmax of the
     last logits, no early stop). Times in seconds, batch 1, ``threads`` CPU threads."""
 
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    prefill_seconds: float
-    decode_seconds: float
-    prompt_len: int
-    new_tokens: int
-    warmup: int
-    repeats: int
     threads: int
-    prefill_all_s: list[float] = field(default_factory=list)
-    decode_all_s: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return asdict(self)
 
 
 class _Runner:
@@ -224,20 +210,7 @@ def compare_speed(
     vocab = min(llm.n_vocab() for llm in llms)
     prompt = np.random.default_rng(seed).integers(0, vocab, prompt_len).tolist()
     runners = [_Runner(llm, prompt, new_tokens) for llm in llms]
-    for _ in range(warmup):
-        for r in runners:
-            r.run()
-    times: list[list[tuple[float, float]]] = [[] for _ in runners]
-    for _ in range(repeats):
-        for i, r in enumerate(runners):
-            times[i].append(r.run())
-    out = []
-    for r, ts in zip(runners, times):
-        pre = statistics.median(t[0] for t in ts)
-        dec = statistics.median(t[1] for t in ts)
-        out.append(LlamaCppSpeed(
-            prefill_tokens_per_s=prompt_len / pre, decode_tokens_per_s=new_tokens / dec,
-            prefill_seconds=pre, decode_seconds=dec, prompt_len=prompt_len, new_tokens=new_tokens,
-            warmup=warmup, repeats=repeats, threads=int(r.llm.context_params.n_threads),
-            prefill_all_s=[t[0] for t in ts], decode_all_s=[t[1] for t in ts]))
-    return out
+    timings = median_timings([r.run for r in runners], prompt_len=prompt_len, new_tokens=new_tokens,
+                             warmup=warmup, repeats=repeats)
+    return [LlamaCppSpeed(**timing, threads=int(r.llm.context_params.n_threads))
+            for r, timing in zip(runners, timings)]
