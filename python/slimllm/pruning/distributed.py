@@ -67,17 +67,19 @@ class Distributed:
             flat = np.concatenate([[float(n)], s, c, cs, cg.ravel()])
             d = acc.dim
             merged = _core.Moments(d)
+            # views of the contiguous gathered buffer: the binding copies them into the new
+            # accumulator (it needs C-contiguous 2-D arrays, which the reshape is)
             for g in self._gather(flat):
                 merged.merge(_core.Moments.from_parts(
-                    int(g[0]), g[1:1 + d].copy(), g[1 + d:1 + 2 * d].copy(),
-                    g[1 + 2 * d:1 + 3 * d].copy(), g[1 + 3 * d:].reshape(d, d).copy()))
+                    int(g[0]), g[1:1 + d], g[1 + d:1 + 2 * d], g[1 + 2 * d:1 + 3 * d],
+                    g[1 + 3 * d:].reshape(d, d)))
             return merged
         if isinstance(acc, _core.PairedMoments):
             n, parts = acc.parts()
             flat = np.concatenate([[float(n)], parts.ravel()])
             merged = _core.PairedMoments(acc.dim)
             for g in self._gather(flat):
-                merged.merge(_core.PairedMoments.from_parts(int(g[0]), g[1:].reshape(parts.shape).copy()))
+                merged.merge(_core.PairedMoments.from_parts(int(g[0]), g[1:].reshape(parts.shape)))
             return merged
         raise TypeError(f"cannot combine a {type(acc).__name__}")
 
