@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from slimllm.errors import CheckpointError, ConfigError
 from slimllm.io import gguf_export
+from slimllm.io import lazy as lazy_module
 from slimllm.io.checkpoint import load_model
 from slimllm.io.lazy import LazyCheckpoint, open_lazy, supports_lazy
 from slimllm.pruning.pipeline import PruneConfig, prune_model
@@ -55,6 +56,24 @@ def _blocks_equal(lazy, reference: torch.nn.Module, layers) -> None:
             assert torch.equal(param, ref[name].float()), name
     lazy.release_outer()
     assert all(p.is_meta for p in lazy.model.parameters())
+
+
+
+def test_every_release_returns_the_freed_heap(make_tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """release_block, release_outer and a finished tensors() read each trim the heap once
+    (the one place the pipeline's walk, its resume and its fingerprint give memory back)."""
+    folder = _sharded_bf16(make_tiny_model, tiny_tokenizer, tmp_path / "m")
+    lazy, _ = open_lazy(folder)
+    trims = []
+    monkeypatch.setattr(lazy_module, "return_freed_memory", lambda: trims.append(len(trims)))
+    lazy.load_block(1)
+    lazy.release_block(1)
+    assert trims == [0]
+    lazy.load_outer()
+    lazy.release_outer()
+    assert trims == [0, 1]
+    names = [name for name, _ in lazy.tensors()]
+    assert names == [name for name, _ in lazy.model.named_parameters()] and trims == [0, 1, 2]
 
 
 @pytest.mark.parametrize("arch, tied", [("llama", False), ("qwen2", True), ("mistral", False)])

@@ -37,6 +37,7 @@ import torch
 
 from slimllm.errors import ConfigError
 from slimllm.evaluation.tasks import LOCAL_TASKS, TASKS_DIR, missing_task_files, resolve_data_dir
+from slimllm.io.lazy import return_freed_memory
 
 __all__ = [
     "DEFAULT_SEQ_LEN",
@@ -670,18 +671,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _release_free_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc ``malloc_trim``) so that the RSS before a
-    run is the live memory only and the run's allocations show up as RSS growth again."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the delta may read low
-        pass
-
-
 def _peak_rss_bytes() -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -742,7 +731,10 @@ class _SpeedRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.run()
             return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
-        _release_free_heap()
+        # freed heap back to the OS first: the RSS before the run is the live memory only and
+        # the run's allocations show up as RSS growth again
+        gc.collect()
+        return_freed_memory()
         before = _rss_bytes()
         if before is not None and _reset_peak_rss():
             self.run()

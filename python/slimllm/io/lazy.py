@@ -34,7 +34,34 @@ from torch import nn
 from slimllm.errors import CheckpointError, ConfigError, SlimLLMError
 from slimllm.families.adapters import get_adapter
 
-__all__ = ["LazyCheckpoint", "open_lazy", "supports_lazy"]
+__all__ = ["LazyCheckpoint", "open_lazy", "return_freed_memory", "supports_lazy"]
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def return_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the OS (glibc ``malloc_trim(0)``; nothing
+    elsewhere). :meth:`LazyCheckpoint.release_block`, :meth:`LazyCheckpoint.release_outer`
+    and the end of :meth:`LazyCheckpoint.tensors` call it, each time weights are let go:
+    glibc keeps freed chunks in its arenas, and without this the peak RSS of a SmolLM2 walk
+    grew by ~15 MiB a block (410 MiB over 30 blocks) while the bytes in use stayed flat
+    (mallinfo2)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def supports_lazy(source: str | os.PathLike) -> bool:
@@ -194,9 +221,11 @@ class LazyCheckpoint:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter of the dense model as stored, read one at a time (safetensors: the
         tensor in its dtype; GGUF: its quantised bytes, not dequantised) for the resume
-        fingerprint (:func:`slimllm.pruning.resume.fingerprint`)."""
+        fingerprint (:func:`slimllm.pruning.resume.fingerprint`); once all are read, the heap
+        they were read into is returned to the OS (:func:`return_freed_memory`)."""
         for name, _ in self.model.named_parameters():
             yield name, self._source.stored(name)
+        return_freed_memory()
 
     def load_block(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
         """Materialise decoder block ``index`` on ``device`` in ``compute_dtype`` (weights
@@ -206,8 +235,10 @@ class LazyCheckpoint:
         return self.adapter.layers(self.model)[index]
 
     def release_block(self, index: int) -> None:
-        """Put the (dense) block ``index`` back on the meta device, freeing its weights."""
+        """Put block ``index`` (dense, or pruned and saved) back on the meta device, freeing its
+        weights, and return the freed heap to the OS (:func:`return_freed_memory`)."""
         self._set(self._names(index), "meta", None)
+        return_freed_memory()
 
     def keep_block(self, index: int) -> None:
         """A pruned block is kept in memory: moved to the CPU in ``dtype`` (its shapes are the
@@ -222,10 +253,12 @@ class LazyCheckpoint:
             self.model.tie_weights()
 
     def release_outer(self) -> None:
-        """Put the outer parameters back on the meta device."""
+        """Put the outer parameters back on the meta device and return the freed heap to the
+        OS (:func:`return_freed_memory`)."""
         self._set(self._names(None), "meta", None)
         if getattr(self.model.config.get_text_config(), "tie_word_embeddings", False):
             self.model.tie_weights()
+        return_freed_memory()
 
 
 def open_lazy(

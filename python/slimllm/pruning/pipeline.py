@@ -575,7 +575,6 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
         state = PruneState.open(state_dir)
         expected = fingerprint(model, chunks, _fingerprinted(config, dist),
                                tensors=None if lazy is None else lazy.tensors())
-        _return_freed_memory()  # the fingerprint read every source tensor once
         if state.resumable:
             if dist is not None:
                 raise DistributedError(
@@ -670,31 +669,6 @@ def _layer_entry(p, spec) -> dict:
     }
 
 
-def _return_freed_memory() -> None:
-    """Hand the heap memory freed so far back to the OS (glibc ``malloc_trim(0)``; nothing
-    elsewhere). Called each time a block or a model-wide read is let go: glibc keeps freed
-    chunks in its arenas, and without this the peak RSS of a SmolLM2 walk grew by ~15 MiB a
-    block (410 MiB over 30 blocks) while the bytes in use stayed flat (mallinfo2)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _glibc()
-
-
 def _acquire(lazy, i, layer, device):
     """Block ``i`` on the compute ``device``: materialised from the source (lazy) or moved
     there. Returns where the block lives between uses (None when lazy)."""
@@ -710,7 +684,6 @@ def _release(lazy, i, layer, home):
     """Undo :func:`_acquire` for a block that was not changed (dense pass)."""
     if lazy is not None:
         lazy.release_block(i)
-        _return_freed_memory()
     else:
         layer.to(home)
 
@@ -725,7 +698,6 @@ def _finish_block(lazy, i, layer, home, streamed):
         layer.to(home)
     elif streamed:
         lazy.release_block(i)
-        _return_freed_memory()
     else:
         lazy.keep_block(i)
 
@@ -743,7 +715,6 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
     hidden0, block_kwargs = _capture(model, adapter, chunks, device, timings)
     if lazy is not None:
         lazy.release_outer()
-        _return_freed_memory()
     resuming = state is not None and state.resumable
     if resuming:
         importance = state.importance
