@@ -107,6 +107,47 @@ def test_combine_rebuilds_from_views_of_the_gathered_buffer(tmp_path):
         _core.Moments.from_parts(int(n), s, c, cs, np.asfortranarray(cg))
 
 
+class _OneRank:
+    """A stand-in for a Distributed of one process reporting ``rank``: the whole calibration
+    set, sums and statistics as they are (what a world of one combines to)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.world_size = rank, 1
+
+    def share(self, n_chunks: int) -> range:
+        return range(n_chunks)
+
+    def sum(self, *values: float) -> tuple[float, ...]:
+        return values
+
+    def combine(self, acc):
+        return acc
+
+
+def test_ranks_other_than_0_drop_finished_lazy_blocks(dense):
+    """Without a state (ranks other than 0 save nothing), a lazy prune on rank 1 puts every
+    pruned block back on meta with its pruned shapes, as rank 0 does after committing it,
+    while rank 0 keeps them on the CPU; both take the same decisions."""
+    from slimllm.io.lazy import open_lazy
+    from slimllm.pruning.pipeline import PruneConfig, prune_model
+
+    folder, _ = dense
+    config = PruneConfig(progress=False, batch_size=4, ratio=0.3)
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for rank in (0, 1):
+        lazy, _ = open_lazy(folder)
+        runs[rank] = prune_model(lazy.model, None, ids, config, lazy=lazy, dist=_OneRank(rank))
+    (m0, r0), (m1, r1) = runs[0], runs[1]
+    assert r0["layers"] == r1["layers"] and r0["parameters"] == r1["parameters"]
+    for b0, b1, entry in zip(m0.model.layers, m1.model.layers, r1["layers"], strict=True):
+        assert not any(p.is_meta for p in b0.parameters())
+        assert all(p.is_meta for p in b1.parameters())
+        assert [p.shape for p in b1.parameters()] == [p.shape for p in b0.parameters()]
+        assert b1.mlp.up_proj.weight.shape[0] == len(entry["kept_channels"]) < 96
+    assert not m1.model.embed_tokens.weight.is_meta
+
+
 @pytest.mark.parametrize("recovery", ["ridge-delta", "affine"])
 def test_two_gloo_processes_match_one(dense, tmp_path, recovery):
     folder, calib = dense

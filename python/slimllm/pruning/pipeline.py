@@ -491,7 +491,9 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
             process runs its contiguous share of the calibration chunks and every statistic,
             cosine sum and token count is combined over the ranks before it is used, so every
             rank prunes identically (the single-process result up to float64 rounding). Every
-            rank gets the same calibration set; give ``state_dir`` on rank 0 only.
+            rank gets the same calibration set; give ``state_dir`` on rank 0 only. On the
+            other ranks, which save nothing, a ``lazy`` model's pruned blocks are dropped as
+            with a state (back to meta with their pruned shapes): only rank 0's model is whole.
 
     Returns:
         ``(model, report)``: the same model object with smaller Linear modules (and added
@@ -688,15 +690,15 @@ def _release(lazy, i, layer, home):
         layer.to(home)
 
 
-def _finish_block(lazy, i, layer, home, streamed):
+def _finish_block(lazy, i, layer, home, drop):
     """Block ``i`` is pruned and committed to the resume state: the one point where a
-    finished block leaves the walk. Eager: back to its home device; lazy with a state
-    (``streamed``): dropped (back to meta, pruned shapes kept), its state file is the output's
-    shard (:func:`slimllm.io.streaming.save_pruned_from_state`); lazy without a state: kept
-    on the CPU in the saved dtype."""
+    finished block leaves the walk. Eager: back to its home device; lazy and ``drop`` (with a
+    state its file is the output's shard, :func:`slimllm.io.streaming.save_pruned_from_state`;
+    on a rank other than 0 nothing is saved): dropped (back to meta, pruned shapes kept);
+    lazy otherwise: kept on the CPU in the saved dtype."""
     if lazy is None:
         layer.to(home)
-    elif streamed:
+    elif drop:
         lazy.release_block(i)
     else:
         lazy.keep_block(i)
@@ -742,6 +744,9 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
 
     # ---- block walk -------------------------------------------------------------------------
     del hidden0
+    # a finished lazy block is dropped when its state file holds it or when this process is
+    # not rank 0, which alone writes the output
+    drop = state is not None or (reduce.dist is not None and reduce.dist.rank != 0)
     bar = tqdm(range(start, n_layers), desc="prune", unit="block", initial=start,
                total=n_layers, disable=not config.progress)
     for i in bar:
@@ -770,7 +775,7 @@ def _walk(model, adapter, layers, specs, chunks, config, device, total_params, t
             with timings("saving state"):
                 state.commit(i, layout.checkpoint_tensors(i, layer.state_dict()), entry,
                              h if i + 1 < n_layers else None)
-        _finish_block(lazy, i, layer, home, state is not None)
+        _finish_block(lazy, i, layer, home, drop)
         entries.append(entry)
     return entries, plan
 
