@@ -816,7 +816,8 @@ def _block_layout(model, plan, specs, lazy=None):
                    s.intermediate_size - p.channels_removed)
         for p, s in zip(plan.layers, specs, strict=True)
     ]
-    biases = [planned_biases(s, p.o_bias_added, p.down_bias_added)
+    adapter = get_adapter(model)
+    biases = [planned_biases(adapter, s, p.o_bias_added, p.down_bias_added)
               for p, s in zip(plan.layers, specs, strict=True)]
     return plan_layout(model, shapes, biases, None if lazy is None else lazy.dtype)[0]
 
@@ -1082,9 +1083,10 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
     if not prune_channels:
         outs = block_outs
     else:
-        w_gate, w_up, w_down = (
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        (gate, gate_rows), (up, up_rows) = (
+            adapter.projection(layer, "gate_proj"), adapter.projection(layer, "up_proj")
         )
+        w_gate, w_up, w_down = gate.weight[gate_rows], up.weight[up_rows], mlp.down_proj.weight
         w_down64 = _np64(w_down)
         with timings("ranking"), _context(f"layer {i}, channel scores"):
             y_cov = y_mom.covariance()
