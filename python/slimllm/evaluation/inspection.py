@@ -139,7 +139,7 @@ class ModelInfo:
         path: the folder.
         model_type: ``config.json`` ``model_type`` (``slimllm_<family>`` for per-layer configs).
         family: adapter family (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``granite``,
-            ``gemma``, ``gemma2``, ``gemma3_text``).
+            ``gemma``, ``gemma2``, ``gemma3_text``, ``phi3``).
         config_format: ``"per-layer"`` (slimllm remote-code config) or ``"stock"``.
         hidden_size: d.
         vocab_size: rows of the embedding matrix.

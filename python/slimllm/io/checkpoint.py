@@ -21,9 +21,9 @@ Two config flavours:
 - **per-layer** (remote code): ``model_type`` ``slimllm_<family>``, ``slimllm_layers`` (one
   shape + bias list per layer), ``auto_map`` to ``modeling_slimllm.py`` copied into the folder
   (see :mod:`slimllm.families.modeling_slimllm`). Used for non-uniform shapes and for families whose stock
-  config has no place for the recovery biases (mistral and qwen2: no o_proj/down_proj bias;
-  qwen3, gemma, gemma2 and gemma3_text: no down_proj bias, their ``attention_bias`` covers
-  o_proj). Loads with
+  config has no place for the recovery biases (mistral, qwen2 and phi3: no o_proj/down_proj
+  bias; qwen3, gemma, gemma2 and gemma3_text: no down_proj bias, their ``attention_bias``
+  covers o_proj). Loads with
   :func:`load_pruned` (no remote code needed) or ``AutoModelForCausalLM.from_pretrained(DIR,
   trust_remote_code=True)``.
 """

@@ -463,7 +463,7 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
 
     Args:
         model: a transformers ``*ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
-            Qwen3, SmolLM2, Granite, Gemma, Gemma 2, Gemma 3 text), any dtype, on CPU (or already on ``config.device``).
+            Qwen3, SmolLM2, Granite, Gemma, Gemma 2, Gemma 3 text, Phi-3), any dtype, on CPU (or already on ``config.device``).
         tokenizer: its tokenizer (only used for the report; may be None).
         calibration_batches: a ``slimllm.pruning.calibration.CalibrationSet``, an int64 tensor
             (N, L), or an iterable of (b, L) tensors / ``{"input_ids": ...}`` dicts; re-chunked
