@@ -228,3 +228,38 @@ def test_gguf_export_is_refused(make_tiny_model, tiny_tokenizer, tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="supports llama, mistral, qwen2, not 'phi3'.*Phi-3"):
         export_gguf(out, tmp_path / "phi3.gguf")
     assert not (tmp_path / "phi3.gguf").exists()
+
+
+def test_longrope_uniform_prune_saves_per_layer_and_reloads_exactly(tiny_tokenizer, tmp_path):
+    """LongRoPE (Phi-3 128k, Phi-4-mini) with partial rotary factor 0.75: Phi3Config checks the
+    factor lists against hidden_size // num_attention_heads, which pruned head counts break, so
+    even a uniform bias-free prune is saved per-layer (dense head counts, explicit head_dim);
+    it reloads with the same logits on a sequence past original_max_position_embeddings,
+    where the long factors apply."""
+    rotary_half = int(16 * 0.75) // 2
+    config = transformers.Phi3Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        original_max_position_embeddings=32, pad_token_id=None, partial_rotary_factor=0.75,
+        bos_token_id=tiny_tokenizer.bos_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0 + 0.1 * i for i in range(rotary_half)],
+            "long_factor": [2.0 + 0.5 * i for i in range(rotary_half)],
+        },
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    assert model.config.rope_parameters["rope_type"] == "longrope"
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        keep_heads(adapter, layer, [0, 3])
+        keep_channels(adapter, layer, list(range(48)))
+    out = checkpoint.save_pruned(model, tiny_tokenizer, tmp_path / "out", {})
+    saved = _config(out)
+    assert saved["model_type"] == "slimllm_phi3"
+    assert (saved["num_attention_heads"], saved["head_dim"]) == (4, 16)
+    assert saved["rope_parameters"]["long_factor"] == config.rope_parameters["long_factor"]
+    ids = _tokens(config.vocab_size, n=2, length=48, seed=9)  # 48 > 32: long factors
+    loaded = checkpoint.load_pruned(out)
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
