@@ -72,16 +72,19 @@ def tiny_tokenizer():
     )
 
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "phi3")
 #: families whose RMSNorms scale by ``1 + weight`` (weights initialised to zero)
 GEMMA_ARCHS = ("gemma", "gemma2", "gemma3_text")
 #: non-default family-specific config values, so tests exercise them (granite: its multipliers;
 #: gemma2 / gemma3_text: a query_pre_attn_scalar that is not head_dim, a sliding window shorter
-#: than the test sequences; gemma2: soft-capping small enough for tanh to bend the scores)
+#: than the test sequences; gemma2: soft-capping small enough for tanh to bend the scores;
+#: phi3: Phi-4-mini's partial rotary factor 0.75, and no pad token, whose default 32000 lies
+#: outside the tiny vocabulary)
 _FAMILY_EXTRAS = {
     "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.5),
     "gemma2": dict(query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=10.0),
     "gemma3_text": dict(query_pre_attn_scalar=24, sliding_window=6),
+    "phi3": dict(partial_rotary_factor=0.75, pad_token_id=None),
 }
 
 
@@ -110,6 +113,7 @@ def make_tiny_model(tiny_tokenizer):
         "gemma": transformers.GemmaConfig,
         "gemma2": transformers.Gemma2Config,
         "gemma3_text": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
     }
 
     def make(

@@ -95,6 +95,7 @@ def test_lazy_blocks_equal_from_pretrained(make_tiny_model, tiny_tokenizer, tmp_
     ("llama", dict(ratio=0.3)),
     ("qwen2", dict(ratio=0.3, recovery="affine")),
     ("mistral", dict(ratio=0.3, head_mode="kv-group", recovery="ridge")),
+    ("phi3", dict(ratio=0.3, recovery="ridge-delta")),  # fused qkv_proj / gate_up_proj
 ])
 def test_lazy_prune_equals_eager_prune(make_tiny_model, tiny_tokenizer, tmp_path, monkeypatch,
                                        arch, kw):
@@ -205,16 +206,18 @@ def test_compute_dtype_other_than_float32_refused_on_cpu(make_tiny_model, tiny_t
         open_lazy(folder, compute_dtype="bfloat16")
 
 
-def test_lazy_resume_gives_identical_tensors(make_tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_lazy_resume_gives_identical_tensors(make_tiny_model, tiny_tokenizer, tmp_path, monkeypatch, arch):
     """A lazy prune with a state drops each block once committed (meta), resumes after an
     interruption, and its streamed output (save_pruned_from_state) holds exactly the tensors
-    save_pruned writes for the same prune kept in memory."""
+    save_pruned writes for the same prune kept in memory (phi3: the layout planned from fused
+    modules' biases)."""
     from safetensors.torch import load_file
 
     from slimllm.io.checkpoint import save_pruned
     from slimllm.io.streaming import save_pruned_from_state
 
-    folder = _sharded_bf16(make_tiny_model, tiny_tokenizer, tmp_path / "dense")
+    folder = _sharded_bf16(make_tiny_model, tiny_tokenizer, tmp_path / "dense", arch)
     config = PruneConfig(ratio=0.3, progress=False, batch_size=4)
     lazy, _ = open_lazy(folder)
     ids = _ids(lazy.model.config.vocab_size)

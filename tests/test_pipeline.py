@@ -1,5 +1,5 @@
 """The block-by-block pipeline (slimllm.pruning.pipeline) on tiny random Llama / Mistral / Qwen2 / Qwen3
-/ Granite / Gemma / Gemma 2 / Gemma 3 models, MHA and GQA, tied and untied embeddings.
+/ Granite / Gemma / Gemma 2 / Gemma 3 / Phi-3 models, MHA and GQA, tied and untied embeddings.
 
 The central check rebuilds every pruned model independently, as a *masked* dense model: the
 pruned heads' o_proj columns and the pruned channels' down_proj columns are zeroed, and the
@@ -45,6 +45,9 @@ CASES = [
     ("gemma2", 4, 4, False, 32),
     ("gemma3_text", 4, 2, True, 32),  # + q_norm / k_norm of size head_dim
     ("gemma3_text", 8, 2, False, 32),
+    # fused qkv_proj / gate_up_proj, per-layer config view, partial rotary factor 0.75
+    ("phi3", 4, 4, True, 16),
+    ("phi3", 8, 2, False, 16),
 ]
 #: ids name head_dim only where it is not the fixture's default 16
 CASE_IDS = [f"{a}-{h}h{g}kv-{'tied' if t else 'untied'}{'' if d == 16 else f'-hd{d}'}" for a, h, g, t, d in CASES]

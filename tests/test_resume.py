@@ -63,9 +63,10 @@ def _same_report_layers(a: dict, b: dict) -> None:
         ("qwen3", 4, 4, dict(ratio=0.25, recovery="ridge-delta")),  # MHA
         ("gemma2", 4, 2, dict(ratio=0.3)),  # new o_proj / down_proj biases, sandwich norms
         ("gemma3_text", 4, 2, dict(ratio=0.3, recovery="ridge")),
+        ("phi3", 8, 2, dict(ratio=0.3, head_mode="kv-group", recovery="affine")),  # fused, config view
     ],
     ids=["llama-affine", "qwen2-ridge", "llama-kv-group", "qwen3-mha-ridge-delta", "gemma2-affine",
-         "gemma3_text-ridge"],
+         "gemma3_text-ridge", "phi3-kv-group-affine"],
 )
 def test_interrupted_run_resumes_to_identical_tensors(
     make_tiny_model, tmp_path, monkeypatch, arch, heads, kv, config

@@ -95,8 +95,10 @@ def test_slicing_equals_masking(make_tiny_model, tiny_tokenizer, arch, layout, t
         assert shape.num_kv_heads == (num_kv if group > 1 else len(kept))
         assert shape.intermediate_size == len(channels)
         assert attn.num_key_value_groups == shape.num_heads // shape.num_kv_heads
-        assert attn.q_proj.out_features == len(kept) * 16 and attn.o_proj.in_features == len(kept) * 16
-        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == len(channels)
+        rows = {name: adapter.projection(layer, name) for name in ("q_proj", "gate_proj", "up_proj")}
+        rows = {name: linear.weight[part].shape[0] for name, (linear, part) in rows.items()}
+        assert rows["q_proj"] == len(kept) * 16 and attn.o_proj.in_features == len(kept) * 16
+        assert rows["gate_proj"] == rows["up_proj"] == mlp.down_proj.in_features == len(channels)
 
     sliced = _logits(model, ids)
     masked = _logits(reference, ids)
@@ -112,20 +114,21 @@ def test_slicing_equals_masking(make_tiny_model, tiny_tokenizer, arch, layout, t
     assert torch.equal(out, ref_out)
 
 
-def _mask_kv_groups(attn, dropped_groups, group, head_dim, num_heads):
+def _mask_kv_groups(adapter, layer, dropped_groups, group, head_dim, num_heads):
     """Reference for kv-group removal: zero the q rows of the groups' query heads and the k/v
-    rows of the groups (weights and biases). The heads then output exactly 0 (q = 0 gives
-    uniform attention over v = 0), as if removed."""
+    rows of the groups (weights and biases; rows of a fused qkv_proj found by the adapter). The
+    heads then output exactly 0 (q = 0 gives uniform attention over v = 0), as if removed."""
     q_heads = [a for a in range(num_heads) if a // group in dropped_groups]
     with torch.no_grad():
-        for linear, rows in (
-            (attn.q_proj, head_rows(q_heads, head_dim)),
-            (attn.k_proj, head_rows(sorted(dropped_groups), head_dim)),
-            (attn.v_proj, head_rows(sorted(dropped_groups), head_dim)),
+        for name, rows in (
+            ("q_proj", head_rows(q_heads, head_dim)),
+            ("k_proj", head_rows(sorted(dropped_groups), head_dim)),
+            ("v_proj", head_rows(sorted(dropped_groups), head_dim)),
         ):
-            linear.weight[rows] = 0
+            linear, part = adapter.projection(layer, name)
+            linear.weight[rows + part.start] = 0
             if linear.bias is not None:
-                linear.bias[rows] = 0
+                linear.bias[rows + part.start] = 0
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -144,12 +147,13 @@ def test_kv_group_removal_equals_masking_qkv(make_tiny_model, tiny_tokenizer, ar
         kept_kv = [g for g in range(num_kv) if g not in dropped]
         kept = [a for a in range(num_heads) if a // group in kept_kv]
         keep_heads(adapter, layer, kept, kept_kv_heads=kept_kv)
-        _mask_kv_groups(adapter.attention(ref_layer), dropped, group, 16, num_heads)
+        _mask_kv_groups(adapter, ref_layer, dropped, group, 16, num_heads)
         attn = adapter.attention(layer)
-        assert attn.k_proj.out_features == attn.v_proj.out_features == len(kept_kv) * 16
+        (k, k_rows), (v, v_rows) = adapter.projection(layer, "k_proj"), adapter.projection(layer, "v_proj")
+        assert k.weight[k_rows].shape[0] == v.weight[v_rows].shape[0] == len(kept_kv) * 16
         assert attn.num_key_value_groups == group
-        if attn.k_proj.bias is not None:
-            assert attn.k_proj.bias.shape == (len(kept_kv) * 16,)
+        if k.bias is not None:
+            assert k.bias[k_rows].shape == (len(kept_kv) * 16,)
     ids = _ids(len(tiny_tokenizer), seed=3)
     torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=ATOL, rtol=0)
     out = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -165,7 +169,7 @@ def test_kv_mode_with_partial_groups(make_tiny_model, tiny_tokenizer):
     keep_heads(adapter, layer, [0, 4, 6], kept_kv_heads=[0, 2, 3])
     assert adapter.layer_shape(layer).num_heads == 3 and adapter.layer_shape(layer).num_kv_heads == 3
     assert adapter.attention(layer).num_key_value_groups == 1
-    _mask_kv_groups(adapter.attention(ref_layer), {1}, 2, 16, 8)
+    _mask_kv_groups(adapter, ref_layer, {1}, 2, 16, 8)
     pruned_q = head_rows([1, 5, 7], 16)
     with torch.no_grad():
         adapter.attention(ref_layer).o_proj.weight[:, pruned_q] = 0

@@ -43,8 +43,6 @@ __all__ = [
 
 #: ``<prefix>.layers.<i>.<rest>``: a tensor of decoder block i
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 #: safetensors dtype codes -> torch dtype names
 _ST_DTYPES = {
     "F64": "float64",
@@ -80,7 +78,8 @@ class LayerInfo:
             biases; Qwen3's ``q_norm``/``k_norm``).
         mlp_params: scalars in the block's ``mlp.*`` tensors (gate/up/down weights and biases).
         norm_params: scalars in the block's other tensors (input / post-attention norms).
-        biases: projections that carry a bias (``"q_proj"`` ... ``"down_proj"``).
+        biases: Linear modules that carry a bias (``"q_proj"`` ... ``"down_proj"``; Phi-3:
+            ``"qkv_proj"``, ``"gate_up_proj"`` for the fused ones).
         dense_num_heads, dense_num_kv_heads, dense_intermediate_size: the block's shape before
             pruning when the report gives it (``None`` otherwise).
     """
@@ -140,7 +139,7 @@ class ModelInfo:
         path: the folder.
         model_type: ``config.json`` ``model_type`` (``slimllm_<family>`` for per-layer configs).
         family: adapter family (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``granite``,
-            ``gemma``, ``gemma2``, ``gemma3_text``).
+            ``gemma``, ``gemma2``, ``gemma3_text``, ``phi3``).
         config_format: ``"per-layer"`` (slimllm remote-code config) or ``"stock"``.
         hidden_size: d.
         vocab_size: rows of the embedding matrix.
@@ -292,51 +291,43 @@ def _config_layer_specs(
 
 
 def _layer_info(
-    index: int, tensors: dict[str, tuple[int, ...]], spec: dict, hidden: int, where: str
+    index: int, tensors: dict[str, tuple[int, ...]], spec: dict, hidden: int, where: str, family: str
 ) -> LayerInfo:
-    """Shapes of block ``index`` from its tensors (names relative to the block), checked against
-    each other and against config.json's ``spec``; CheckpointError on any mismatch."""
-    prefix = {name: "self_attn" for name in _ATTENTION} | {name: "mlp" for name in _MLP}
-    needed = [f"{prefix[p]}.{p}.weight" for p in (*_ATTENTION, *_MLP)]
+    """Shapes of block ``index`` of a model of ``family`` from its tensors (names relative to
+    the block; the family's Linear modules, fused ones included), checked against each other
+    and against config.json's ``spec``; CheckpointError on any mismatch."""
+    from slimllm.families.adapters import get_adapter
+
+    adapter = get_adapter(family)
+    needed = [f"{qualified}.weight" for qualified in adapter.linear_modules()]
     missing = [name for name in needed if name not in tensors]
     if missing:
         raise CheckpointError(f"{where}: layer {index} has no {', '.join(missing)} in its weights")
-
-    def shape(proj: str, kind: str = "weight") -> tuple[int, ...] | None:
-        return tensors.get(f"{prefix[proj]}.{proj}.{kind}")
+    bad = [name for name in needed if len(tensors[name]) != 2]
+    if bad:
+        raise CheckpointError(f"{where}: layer {index} {', '.join(bad)} are not matrices")
 
     h = spec["head_dim"]
-    q_rows, kv_rows, ff = shape("q_proj")[0], shape("k_proj")[0], shape("gate_proj")[0]
-    if q_rows % h or kv_rows % h:
-        raise CheckpointError(
-            f"{where}: layer {index} q_proj/k_proj have {q_rows}/{kv_rows} rows, not a multiple of "
-            f"head_dim {h}"
-        )
-    heads, kv = q_rows // h, kv_rows // h
-    expected = {
-        "q_proj": (q_rows, hidden),
-        "k_proj": (kv_rows, hidden),
-        "v_proj": (kv_rows, hidden),
-        "o_proj": (hidden, q_rows),
-        "gate_proj": (ff, hidden),
-        "up_proj": (ff, hidden),
-        "down_proj": (hidden, ff),
-    }
+    layer_shape = adapter.shape_from_features(
+        {name[: -len(".weight")]: tensors[name][::-1] for name in needed}, h
+    )
+    heads, kv, ff = layer_shape.num_heads, layer_shape.num_kv_heads, layer_shape.intermediate_size
     biases = []
-    for proj, weight_shape in expected.items():
-        if shape(proj) != weight_shape:
+    for qualified, (in_features, out_features) in adapter.linear_features(layer_shape, hidden).items():
+        weight_shape = (out_features, in_features)
+        if tensors[f"{qualified}.weight"] != weight_shape:
             raise CheckpointError(
-                f"{where}: layer {index} {prefix[proj]}.{proj}.weight has shape {shape(proj)}, "
-                f"expected {weight_shape}"
+                f"{where}: layer {index} {qualified}.weight has shape {tensors[f'{qualified}.weight']}, "
+                f"expected {weight_shape} (head_dim {h})"
             )
-        bias = shape(proj, "bias")
+        bias = tensors.get(f"{qualified}.bias")
         if bias is not None:
-            if bias != (weight_shape[0],):
+            if bias != (out_features,):
                 raise CheckpointError(
-                    f"{where}: layer {index} {prefix[proj]}.{proj}.bias has shape {bias}, "
-                    f"expected ({weight_shape[0]},)"
+                    f"{where}: layer {index} {qualified}.bias has shape {bias}, "
+                    f"expected ({out_features},)"
                 )
-            biases.append(proj)
+            biases.append(qualified.split(".")[1])
     if heads == 0 or kv == 0 or heads % kv:
         raise CheckpointError(f"{where}: layer {index} has {heads} query heads for {kv} KV heads")
     found = (heads, kv, ff)
@@ -432,7 +423,7 @@ def inspect_folder(path: str | os.PathLike) -> ModelInfo:
             f"{where}: config.json has {n_layers} layers but the weights hold layers "
             f"{found[:3]}{'...' if len(found) > 3 else ''} ({len(found)} in all)"
         )
-    layers = [_layer_info(i, block_tensors[i], specs[i], hidden, where) for i in range(n_layers)]
+    layers = [_layer_info(i, block_tensors[i], specs[i], hidden, where, family) for i in range(n_layers)]
 
     embed = {k: v for k, v in top.items() if "embed_tokens" in k}
     if len(embed) != 1:

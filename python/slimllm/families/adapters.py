@@ -34,7 +34,18 @@ gemma3_text  Gemma 3 (text decoder, ``Gemma3ForCausalLM``): Gemma 2's layout plu
              ``q_norm``/``k_norm`` of size ``head_dim`` shared by all heads (as in qwen3)
              and separate rotary embeddings for sliding and global layers; the multimodal
              ``gemma3`` (``Gemma3ForConditionalGeneration``) is not supported
+phi3         Phi-3 / Phi-3.5 / Phi-4-mini (``Phi3ForCausalLM``): fused ``self_attn.qkv_proj``
+             (rows: q [H*h], k [G*h], v [G*h]) and fused ``mlp.gate_up_proj`` (rows: gate [F],
+             up [F]; activation on gate), no biases; the attention forward splits qkv with
+             ``config.num_attention_heads`` / ``config.num_key_value_heads``, so a pruned
+             layer's attention reads a per-layer config view (``layer_config_fields``);
+             ``partial_rotary_factor`` (Phi-4-mini) is a fraction of head_dim, unaffected
 ===========  ============================================================================
+
+Fused projections are declared per family (``fused_projections``); everything else reads the
+logical projections (``q_proj`` ... ``down_proj``) through :meth:`ModelAdapter.linear_modules`,
+:meth:`ModelAdapter.projection` and :meth:`ModelAdapter.rows_to_keep`, never the modules
+directly, so a dense family with another layout is a table entry here.
 
 Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<family>``
 (see :mod:`slimllm.families.modeling_slimllm`); they map to the same adapters.
@@ -42,14 +53,17 @@ Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<f
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from slimllm.errors import UnsupportedArchitectureError
 
 __all__ = [
+    "FusedProjection",
     "LayerShape",
     "ModelAdapter",
     "get_adapter",
@@ -87,20 +101,144 @@ class LayerShape:
         return self.num_kv_heads * self.head_dim
 
 
+@dataclass(frozen=True)
+class FusedProjection:
+    """One Linear module holding several logical projections stacked along its output rows.
+
+    ``module``: its attribute name on the attention / MLP module (Phi-3: ``"qkv_proj"``);
+    ``parts``: the logical projections it holds, in row order (``("q_proj", "k_proj",
+    "v_proj")``), each with the rows it would have as a module of its own.
+    """
+
+    module: str
+    parts: tuple[str, ...]
+
+
+#: the owner of each logical projection inside a decoder layer (state-dict prefix)
+_OWNER = {name: "self_attn" for name in ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+    name: "mlp" for name in ("gate_proj", "up_proj", "down_proj")
+}
+
+
+def _rows_and_inputs(shape: LayerShape, hidden: int, name: str) -> tuple[int, int]:
+    """(output rows, input features) of the logical projection ``name`` of a layer of
+    ``shape`` with hidden size ``hidden`` (DESIGN.md notation)."""
+    q, kv, f = shape.attention_width, shape.kv_width, shape.intermediate_size
+    return {
+        "q_proj": (q, hidden),
+        "k_proj": (kv, hidden),
+        "v_proj": (kv, hidden),
+        "o_proj": (hidden, q),
+        "gate_proj": (f, hidden),
+        "up_proj": (f, hidden),
+        "down_proj": (hidden, f),
+    }[name]
+
+
 class ModelAdapter:
     """Where one model family keeps its decoder layers and projections.
 
     The default implementation fits every Llama-like family (``model.model.layers[i]`` with
-    ``.self_attn`` and ``.mlp``); subclasses override what differs.
+    ``.self_attn`` and ``.mlp``, one Linear module per logical projection); subclasses
+    override what differs, fused projections included (``fused_projections``).
     """
 
     name: str = "llama"
-    #: projections of the attention module, in q, k, v, o order
+    #: logical projections of the attention module, in q, k, v, o order
     attention_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    #: projections of the MLP, in gate, up, down order
+    #: logical projections of the MLP, in gate, up, down order
     mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    #: Linear modules holding several logical projections (Phi-3: qkv_proj, gate_up_proj)
+    fused_projections: tuple[FusedProjection, ...] = ()
     #: per-head modules of size head_dim shared by all heads (qwen3: q_norm, k_norm)
     shared_head_norms: tuple[str, ...] = ()
+    #: config fields the attention forward reads that must be the layer's own once its heads
+    #: are pruned (Phi-3: the query / key-value head counts splitting qkv_proj); the pruned
+    #: attention module gets a per-layer config view with them
+    #: (:class:`slimllm.families.modeling_slimllm.LayerConfig`)
+    layer_config_fields: tuple[str, ...] = ()
+
+    def linear_modules(self) -> dict[str, tuple[str, ...]]:
+        """The Linear modules of a decoder layer, ``"self_attn.q_proj"`` ... ``"mlp.down_proj"``
+        (owner and attribute, as in the state dict) -> the logical projections each holds, in
+        row order (a plain module: itself; Phi-3's ``"self_attn.qkv_proj"``: ``("q_proj",
+        "k_proj", "v_proj")``). Attention modules first, in q ... down order."""
+        fused = {f.parts[0]: f for f in self.fused_projections}
+        inside = {p for f in self.fused_projections for p in f.parts}
+        out: dict[str, tuple[str, ...]] = {}
+        for name in (*self.attention_projections, *self.mlp_projections):
+            if name in fused:
+                out[f"{_OWNER[name]}.{fused[name].module}"] = fused[name].parts
+            elif name not in inside:
+                out[f"{_OWNER[name]}.{name}"] = (name,)
+        return out
+
+    def _holder(self, name: str) -> tuple[str, tuple[str, ...]]:
+        """``(qualified Linear module, its parts)`` holding the logical projection ``name``."""
+        for qualified, parts in self.linear_modules().items():
+            if name in parts:
+                return qualified, parts
+        raise KeyError(f"{self.name} adapter has no projection {name!r}")
+
+    def linear(self, layer: nn.Module, qualified: str) -> nn.Linear:
+        """The Linear module ``qualified`` (a key of :meth:`linear_modules`) of ``layer``."""
+        owner, attribute = qualified.split(".")
+        return getattr(self.attention(layer) if owner == "self_attn" else self.mlp(layer), attribute)
+
+    def set_linear_module(self, layer: nn.Module, qualified: str, module: nn.Module) -> None:
+        """Replace the Linear module ``qualified`` (a key of :meth:`linear_modules`) of ``layer``."""
+        owner, attribute = qualified.split(".")
+        setattr(self.attention(layer) if owner == "self_attn" else self.mlp(layer), attribute, module)
+
+    def linear_features(self, shape: LayerShape, hidden: int) -> dict[str, tuple[int, int]]:
+        """``(in_features, out_features)`` of every Linear module (keys of
+        :meth:`linear_modules`) of a layer of ``shape`` with hidden size ``hidden``: q H*h
+        outputs, k/v G*h, o H*h inputs, gate/up F outputs, down F inputs; a fused module has
+        its parts' outputs stacked."""
+        out = {}
+        for qualified, parts in self.linear_modules().items():
+            sizes = [_rows_and_inputs(shape, hidden, p) for p in parts]
+            out[qualified] = (sizes[0][1], sum(rows for rows, _ in sizes))
+        return out
+
+    def _part_offsets(self, shape: LayerShape, hidden: int, parts: tuple[str, ...]) -> dict[str, slice]:
+        start, out = 0, {}
+        for p in parts:
+            rows = _rows_and_inputs(shape, hidden, p)[0]
+            out[p] = slice(start, start + rows)
+            start += rows
+        return out
+
+    def projection(self, layer: nn.Module, name: str) -> tuple[nn.Linear, slice]:
+        """The Linear module of ``layer`` holding the logical projection ``name`` (``"q_proj"``
+        ... ``"down_proj"``) and the slice of its output rows (weight rows, bias entries) that
+        are ``name``'s: ``weight[rows]`` is ``name``'s weight, (out, in). A plain module:
+        ``slice(0, out_features)``.
+
+        Raises:
+            KeyError: ``name`` is not a projection of this family.
+        """
+        qualified, parts = self._holder(name)
+        linear = self.linear(layer, qualified)
+        shape = self.layer_shape(layer)
+        hidden = self.linear(layer, self._holder("o_proj")[0]).out_features
+        return linear, self._part_offsets(shape, hidden, parts)[name]
+
+    def rows_to_keep(
+        self, shape: LayerShape, hidden: int, qualified: str, kept: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Row indices (int64) of the Linear module ``qualified`` of a layer of ``shape`` to keep
+        when its logical projection ``p`` keeps the rows ``kept[p]`` (indices within ``p``);
+        parts missing from ``kept`` keep every row. None when no part of it is in ``kept``."""
+        parts = self.linear_modules()[qualified]
+        if not any(p in kept for p in parts):
+            return None
+        pieces = []
+        for p, rows in self._part_offsets(shape, hidden, parts).items():
+            own = kept.get(p)
+            local = torch.arange(rows.stop - rows.start) if own is None else own.to(torch.long)
+            pieces.append(local + rows.start)
+        return torch.cat(pieces)
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack (``LlamaModel`` etc.) of a ``*ForCausalLM`` or of itself."""
@@ -124,11 +262,11 @@ class ModelAdapter:
         return "model.layers" if self.base_model(model) is getattr(model, "model", None) else "layers"
 
     def attention(self, layer: nn.Module) -> nn.Module:
-        """The attention module of a decoder layer (has q_proj, k_proj, v_proj, o_proj)."""
+        """The attention module of a decoder layer (holds the q/k/v/o projections)."""
         return layer.self_attn
 
     def mlp(self, layer: nn.Module) -> nn.Module:
-        """The MLP module of a decoder layer (has gate_proj, up_proj, down_proj)."""
+        """The MLP module of a decoder layer (holds the gate/up/down projections)."""
         return layer.mlp
 
     def head_dim(self, layer: nn.Module) -> int:
@@ -142,18 +280,34 @@ class ModelAdapter:
             )
         return int(head_dim)
 
+    def shape_from_features(self, features: Mapping[str, tuple[int, int]], head_dim: int) -> LayerShape:
+        """The layer shape that Linear modules of ``(in_features, out_features)``
+        ``features[qualified]`` (keys of :meth:`linear_modules`) and heads of size ``head_dim``
+        stand for: H*h is o_proj's input width, F down_proj's, G*h the rows of k_proj (in a
+        fused module: its rows less the query rows, shared equally by k and v). Floor
+        divisions: check the result against :meth:`linear_features`."""
+        width = features[self._holder("o_proj")[0]][0]
+        channels = features[self._holder("down_proj")[0]][0]
+        qualified, parts = self._holder("k_proj")
+        rows = features[qualified][1] - width * parts.count("q_proj")
+        kv_rows = rows // sum(p in ("k_proj", "v_proj") for p in parts)
+        return LayerShape(
+            num_heads=width // head_dim,
+            num_kv_heads=kv_rows // head_dim,
+            head_dim=head_dim,
+            intermediate_size=channels,
+        )
+
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         """The current shape of a decoder layer, read from its Linear modules (not the config,
-        which keeps the dense template values while layers are being pruned)."""
-        attn = self.attention(layer)
-        mlp = self.mlp(layer)
-        h = self.head_dim(layer)
-        return LayerShape(
-            num_heads=attn.q_proj.out_features // h,
-            num_kv_heads=attn.k_proj.out_features // h,
-            head_dim=h,
-            intermediate_size=mlp.gate_proj.out_features,
-        )
+        which keeps the dense template values while layers are being pruned; see
+        :meth:`shape_from_features`)."""
+        features = {
+            qualified: (linear.in_features, linear.out_features)
+            for qualified in self.linear_modules()
+            for linear in (self.linear(layer, qualified),)
+        }
+        return self.shape_from_features(features, self.head_dim(layer))
 
     def layer_shapes(self, model: nn.Module) -> list[LayerShape]:
         """``layer_shape`` of every decoder layer, in order."""
@@ -214,6 +368,18 @@ class Gemma3TextAdapter(ModelAdapter):
     shared_head_norms = ("q_norm", "k_norm")
 
 
+class Phi3Adapter(ModelAdapter):
+    """Phi-3 / Phi-3.5 / Phi-4-mini: fused qkv_proj and gate_up_proj; the attention forward
+    splits qkv with config head counts, so pruned layers get their own config view."""
+
+    name = "phi3"
+    fused_projections = (
+        FusedProjection("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+        FusedProjection("gate_up_proj", ("gate_proj", "up_proj")),
+    )
+    layer_config_fields = ("num_attention_heads", "num_key_value_heads")
+
+
 _REGISTRY: dict[str, ModelAdapter] = {
     adapter.name: adapter
     for adapter in (
@@ -225,6 +391,7 @@ _REGISTRY: dict[str, ModelAdapter] = {
         GemmaAdapter(),
         Gemma2Adapter(),
         Gemma3TextAdapter(),
+        Phi3Adapter(),
     )
 }
 
@@ -265,7 +432,7 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
     """The adapter for a model, a config (or config dict), or a ``model_type`` string.
 
     Keyed by ``config.model_type``: ``llama`` (SmolLM2 too), ``mistral``, ``qwen2``, ``qwen3``,
-    ``granite``, ``gemma``, ``gemma2``, ``gemma3_text`` and their slimllm per-layer variants
+    ``granite``, ``gemma``, ``gemma2``, ``gemma3_text``, ``phi3`` and their slimllm per-layer variants
     ``slimllm_<family>``.
 
     Raises:

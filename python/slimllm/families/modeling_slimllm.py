@@ -8,8 +8,8 @@ shapes, or recovery biases the stock family has no place for; DESIGN.md section 
     {"num_heads": 6, "num_kv_heads": 3, "head_dim": 64, "intermediate_size": 1200,
      "bias": ["o_proj", "down_proj"]}
 
-``bias`` names the projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
-that carry a bias. Every other config field is the base family's, with the dense template values
+``bias`` names the Linear modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
+Phi-3's fused qkv_proj and gate_up_proj in place of their parts) that carry a bias. Every other config field is the base family's, with the dense template values
 (``num_attention_heads`` etc. are those of the model before pruning, so the stock validation
 passes); the per-layer entries override them. The model is the base family's ``*ForCausalLM``
 whose layers' Linear modules are resized (biases included) right after construction, so the
@@ -37,6 +37,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -45,8 +47,54 @@ from transformers import (
 LAYERS_KEY = "slimllm_layers"
 #: model_type prefix of slimllm per-layer configs
 MODEL_TYPE_PREFIX = "slimllm_"
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+#: fused Linear modules -> the projections they stack along their rows, in order (Phi-3)
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class LayerConfig:
+    """One decoder layer's view of the model config: the fields in ``overrides`` (Phi-3: this
+    layer's ``num_attention_heads`` / ``num_key_value_heads``, which its attention forward
+    splits qkv_proj with) are the layer's own; every other attribute is read from and written
+    to the model config ``base`` itself, so later changes (``set_attn_implementation``) reach
+    the layer."""
+
+    def __init__(self, base, **overrides):
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "overrides", dict(overrides))
+
+    def __getattr__(self, name):
+        state = self.__dict__
+        if "overrides" not in state:  # being copied or unpickled
+            raise AttributeError(name)
+        if name in state["overrides"]:
+            return state["overrides"][name]
+        return getattr(state["base"], name)
+
+    def __setattr__(self, name, value):
+        if name in self.overrides:
+            self.overrides[name] = value
+        else:
+            setattr(self.base, name, value)
+
+    def __repr__(self):
+        return f"LayerConfig({type(self.base).__name__}, {self.overrides})"
+
+
+def set_attention_heads(attn, num_heads, num_kv_heads, config_fields=()):
+    """Record ``num_heads`` query and ``num_kv_heads`` key/value heads on an attention module
+    whose projections were resized: ``num_key_value_groups`` and, where the module has them,
+    ``num_heads`` / ``num_attention_heads`` / ``num_key_value_heads``; ``config_fields``
+    (config names among ``num_attention_heads`` and ``num_key_value_heads``) are set on a
+    :class:`LayerConfig` view that becomes ``attn.config``."""
+    values = {"num_heads": num_heads, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads}
+    attn.num_key_value_groups = num_heads // num_kv_heads
+    for attribute, value in values.items():
+        if hasattr(attn, attribute):
+            setattr(attn, attribute, value)
+    if config_fields:
+        config = attn.config
+        base = config.base if isinstance(config, LayerConfig) else config
+        attn.config = LayerConfig(base, **{name: values[name] for name in config_fields})
 
 
 def _spec_int(spec, key, layer_idx):
@@ -61,12 +109,13 @@ def _new_linear(old, in_features, out_features, bias):
     return nn.Linear(in_features, out_features, bias=bias, device=weight.device, dtype=weight.dtype)
 
 
-def apply_layer_shapes(model, layers):
-    """Resize the q/k/v/o and gate/up/down Linear modules of every decoder layer of ``model``
-    (a Llama-like ``*ForCausalLM``) to the shapes in ``layers`` (the ``slimllm_layers`` list),
-    creating or dropping biases as listed, and update the attention modules' head bookkeeping
-    (``num_key_value_groups``). New modules keep the old ones' dtype and device; their values
-    are whatever ``nn.Linear`` initialises (the checkpoint overwrites them)."""
+def apply_layer_shapes(model, layers, config_fields=()):
+    """Resize the Linear modules of the attention and MLP of every decoder layer of ``model``
+    (a Llama-like ``*ForCausalLM``; fused ones as listed in ``FUSED_PROJECTIONS``) to the
+    shapes in ``layers`` (the ``slimllm_layers`` list), creating or dropping biases as listed,
+    and update the attention modules' head bookkeeping (:func:`set_attention_heads` with
+    ``config_fields``). New modules keep the old ones' dtype and device; their values are
+    whatever ``nn.Linear`` initialises (the checkpoint overwrites them)."""
     decoder_layers = model.model.layers
     if layers is None or len(layers) != len(decoder_layers):
         raise ValueError(
@@ -90,33 +139,31 @@ def apply_layer_shapes(model, layers):
                 f"slimllm_layers[{idx}]: {num_heads} query heads are not a multiple of "
                 f"{num_kv_heads} key/value heads"
             )
+        linears = [
+            (module, name, child)
+            for module in (attn, mlp)
+            for name, child in module.named_children()
+            if isinstance(child, nn.Linear)
+        ]
         biased = set(spec.get("bias", ()))
-        unknown = biased - set(ATTENTION_PROJECTIONS) - set(MLP_PROJECTIONS)
+        unknown = biased - {name for _, name, _ in linears}
         if unknown:
             raise ValueError(f"slimllm_layers[{idx}].bias names unknown projections {sorted(unknown)}")
-        attn_shapes = {
-            "q_proj": (hidden, num_heads * head_dim),
-            "k_proj": (hidden, num_kv_heads * head_dim),
-            "v_proj": (hidden, num_kv_heads * head_dim),
-            "o_proj": (num_heads * head_dim, hidden),
+        # (output rows, input features) of each projection
+        shapes = {
+            "q_proj": (num_heads * head_dim, hidden),
+            "k_proj": (num_kv_heads * head_dim, hidden),
+            "v_proj": (num_kv_heads * head_dim, hidden),
+            "o_proj": (hidden, num_heads * head_dim),
+            "gate_proj": (intermediate, hidden),
+            "up_proj": (intermediate, hidden),
+            "down_proj": (hidden, intermediate),
         }
-        mlp_shapes = {
-            "gate_proj": (hidden, intermediate),
-            "up_proj": (hidden, intermediate),
-            "down_proj": (intermediate, hidden),
-        }
-        for module, shapes in ((attn, attn_shapes), (mlp, mlp_shapes)):
-            for name, (in_features, out_features) in shapes.items():
-                old = getattr(module, name)
-                setattr(module, name, _new_linear(old, in_features, out_features, name in biased))
-        attn.num_key_value_groups = num_heads // num_kv_heads
-        for attribute, value in (
-            ("num_heads", num_heads),
-            ("num_attention_heads", num_heads),
-            ("num_key_value_heads", num_kv_heads),
-        ):
-            if hasattr(attn, attribute):
-                setattr(attn, attribute, value)
+        for module, name, old in linears:
+            parts = FUSED_PROJECTIONS.get(name, (name,))
+            rows = sum(shapes[p][0] for p in parts)
+            setattr(module, name, _new_linear(old, shapes[parts[0]][1], rows, name in biased))
+        set_attention_heads(attn, num_heads, num_kv_heads, config_fields)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = intermediate
     return model
@@ -251,6 +298,26 @@ class SlimLLMGemma3ForCausalLM(Gemma3ForCausalLM):
         apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
 
 
+class SlimLLMPhi3Config(Phi3Config):
+    """Phi3Config plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_phi3"
+
+
+class SlimLLMPhi3ForCausalLM(Phi3ForCausalLM):
+    """Phi3ForCausalLM with per-layer head counts, intermediate sizes and biases; each
+    attention module reads its own head counts from a :class:`LayerConfig` view (its forward
+    splits qkv_proj with ``config.num_attention_heads`` / ``num_key_value_heads``)."""
+
+    config_class = SlimLLMPhi3Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(
+            self, getattr(config, LAYERS_KEY, None), ("num_attention_heads", "num_key_value_heads")
+        )
+
+
 #: base family -> (config class, model class)
 FAMILIES = {
     "llama": (SlimLLMLlamaConfig, SlimLLMLlamaForCausalLM),
@@ -261,6 +328,7 @@ FAMILIES = {
     "gemma": (SlimLLMGemmaConfig, SlimLLMGemmaForCausalLM),
     "gemma2": (SlimLLMGemma2Config, SlimLLMGemma2ForCausalLM),
     "gemma3_text": (SlimLLMGemma3TextConfig, SlimLLMGemma3ForCausalLM),
+    "phi3": (SlimLLMPhi3Config, SlimLLMPhi3ForCausalLM),
 }
 
 
@@ -278,7 +346,10 @@ __all__ = [
     "LAYERS_KEY",
     "MODEL_TYPE_PREFIX",
     "FAMILIES",
+    "FUSED_PROJECTIONS",
+    "LayerConfig",
     "apply_layer_shapes",
+    "set_attention_heads",
     "auto_map",
     *(cls.__name__ for pair in FAMILIES.values() for cls in pair),
 ]

@@ -21,9 +21,9 @@ Two config flavours:
 - **per-layer** (remote code): ``model_type`` ``slimllm_<family>``, ``slimllm_layers`` (one
   shape + bias list per layer), ``auto_map`` to ``modeling_slimllm.py`` copied into the folder
   (see :mod:`slimllm.families.modeling_slimllm`). Used for non-uniform shapes and for families whose stock
-  config has no place for the recovery biases (mistral and qwen2: no o_proj/down_proj bias;
-  qwen3, gemma, gemma2 and gemma3_text: no down_proj bias, their ``attention_bias`` covers
-  o_proj). Loads with
+  config has no place for the recovery biases (mistral, qwen2 and phi3: no o_proj/down_proj
+  bias; qwen3, gemma, gemma2 and gemma3_text: no down_proj bias, their ``attention_bias``
+  covers o_proj). Loads with
   :func:`load_pruned` (no remote code needed) or ``AutoModelForCausalLM.from_pretrained(DIR,
   trust_remote_code=True)``.
 """
@@ -94,8 +94,6 @@ _DTYPES = {
     "bf16": torch.bfloat16,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 _LAYERS_KEY = "slimllm_layers"
 
 
@@ -503,42 +501,20 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
 
 def _layer_biases(adapter: Any, layer: nn.Module) -> list[str]:
-    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    names = []
-    for module, projections in (
-        (attn, _ATTENTION_PROJECTIONS),
-        (mlp, _MLP_PROJECTIONS),
-    ):
-        for name in projections:
-            if getattr(module, name).bias is not None:
-                names.append(name)
-    return names
-
-
-def projection_features(shape: LayerShape, hidden: int) -> dict[str, tuple[int, int]]:
-    """``(in_features, out_features)`` of the seven projections of a layer of ``shape`` with
-    hidden size ``hidden``, keyed ``"self_attn.q_proj"`` ... ``"mlp.down_proj"`` (q: H*h
-    outputs, k/v: G*h, o: H*h inputs, gate/up: F outputs, down: F inputs; DESIGN.md
-    notation)."""
-    h = shape.head_dim
-    return {
-        "self_attn.q_proj": (hidden, shape.num_heads * h),
-        "self_attn.k_proj": (hidden, shape.num_kv_heads * h),
-        "self_attn.v_proj": (hidden, shape.num_kv_heads * h),
-        "self_attn.o_proj": (shape.num_heads * h, hidden),
-        "mlp.gate_proj": (hidden, shape.intermediate_size),
-        "mlp.up_proj": (hidden, shape.intermediate_size),
-        "mlp.down_proj": (shape.intermediate_size, hidden),
-    }
+    """The Linear modules of ``layer`` with a bias (``"q_proj"`` ..., Phi-3: ``"qkv_proj"``
+    ...), in :meth:`~slimllm.families.adapters.ModelAdapter.linear_modules` order."""
+    return [
+        qualified.split(".")[1]
+        for qualified in adapter.linear_modules()
+        if adapter.linear(layer, qualified).bias is not None
+    ]
 
 
 def _validate_layer(adapter: Any, idx: int, layer: nn.Module, hidden: int) -> LayerShape:
     """Raise ShapeMismatchError for a layer whose Linear modules do not fit together."""
     shape = adapter.layer_shape(layer)
-    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    for qualified, (in_features, out_features) in projection_features(shape, hidden).items():
-        owner, name = qualified.split(".")
-        linear = getattr(attn if owner == "self_attn" else mlp, name)
+    for qualified, (in_features, out_features) in adapter.linear_features(shape, hidden).items():
+        linear = adapter.linear(layer, qualified)
         actual = tuple(linear.weight.shape)
         if actual != (out_features, in_features):
             raise ShapeMismatchError(
@@ -602,10 +578,11 @@ def _stock_candidate(
     )
     # families whose config has the flags (llama: both; qwen3: attention_bias) get them set from
     # the biases present; zero biases fill the rest of the stock layout below
+    owners = {q.split(".")[1]: q.split(".")[0] for q in get_adapter(family).linear_modules()}
     if "attention_bias" in data:
-        data["attention_bias"] = any(n in biases[0] for n in _ATTENTION_PROJECTIONS)
+        data["attention_bias"] = any(owners[n] == "self_attn" for n in biases[0])
     if "mlp_bias" in data:
-        data["mlp_bias"] = any(n in biases[0] for n in _MLP_PROJECTIONS)
+        data["mlp_bias"] = any(owners[n] == "mlp" for n in biases[0])
     try:
         config = AutoConfig.for_model(family, **data)
         with torch.device("meta"):

@@ -18,8 +18,10 @@ vendors):
 Both loaders create the optional ``blk.N.attn_output.bias`` and ``blk.N.ffn_down.bias``
 (``TENSOR_NOT_REQUIRED``) and their graphs add them (``build_attn(..., wo_b, ...)``,
 ``build_ffn(..., ffn_down_b, ...)``), so slimllm's recovery biases are written as they are.
-qwen3 (q/k norms) and granite (scalar multipliers) have no exact counterpart in ``deci`` and
-are refused with :class:`UnsupportedArchitectureError`; so are non-default RoPE scalings.
+qwen3 (q/k norms), granite (scalar multipliers), the Gemmas (``1 + weight`` norms, GeGLU) and
+phi3 (partial rotary embedding, LongRoPE; fused qkv / gate_up) have no exact counterpart in
+``deci`` and are refused with :class:`UnsupportedArchitectureError`; so are non-default RoPE
+scalings.
 
 Layout: q_proj / k_proj rows (and their biases) are permuted per head for llama.cpp's
 "normal" RoPE on consecutive pairs, as ``LlamaModel.permute`` of llama.cpp's
@@ -190,7 +192,9 @@ def check_exportable(family: str, where: str) -> None:
     if family not in EXPORT_FAMILIES:
         raise UnsupportedArchitectureError(
             f"{where}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r} "
-            "(llama.cpp's per-layer arch 'deci' has no q/k norms or granite multipliers)"
+            "(llama.cpp's 'llama' and per-layer 'deci' archs hold the plain Llama block: no q/k "
+            "norms, granite multipliers, Gemma's 1 + weight norms and GeGLU, or Phi-3's partial "
+            "rotary embedding and LongRoPE)"
         )
 
 

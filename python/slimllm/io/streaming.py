@@ -35,13 +35,10 @@ from torch import nn
 from slimllm.errors import CheckpointError
 from slimllm.families.adapters import LayerShape, get_adapter
 from slimllm.io.checkpoint import (
-    _ATTENTION_PROJECTIONS,
-    _MLP_PROJECTIONS,
     _per_layer_config,
     _report_text,
     _stock_candidate,
     check_output_folder,
-    projection_features,
     write_folder,
 )
 
@@ -62,7 +59,7 @@ class BlockLayout:
         stock: True when the output gets the family's stock config, False for the per-layer one.
         dtype: dtype name of the saved weights (``"float32"``, ``"bfloat16"``, ``"float16"``).
         shapes: per layer, its pruned :class:`LayerShape`.
-        biases: per layer, the projections that carry a bias after pruning (q_proj ... down_proj
+        biases: per layer, the Linear modules that carry a bias after pruning (q_proj ... down_proj
             order).
         padding: per layer, the zero biases (name relative to the layer -> shape) the stock
             layout needs and the pruned layer lacks (empty lists for a per-layer config).
@@ -122,10 +119,9 @@ def _planned_key_shapes(adapter: Any, prefix: str, index: int, layer: nn.Module,
     may be on the meta device)."""
     out = {f"{prefix}.{index}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()}
     names = {id(m): n for n, m in layer.named_modules()}
-    attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    for qualified, (in_features, out_features) in projection_features(shape, hidden).items():
-        owner, proj = qualified.split(".")
-        key = f"{prefix}.{index}.{names[id(getattr(attn if owner == 'self_attn' else mlp, proj))]}"
+    for qualified, (in_features, out_features) in adapter.linear_features(shape, hidden).items():
+        proj = qualified.split(".")[1]
+        key = f"{prefix}.{index}.{names[id(adapter.linear(layer, qualified))]}"
         out[f"{key}.weight"] = (out_features, in_features)
         out.pop(f"{key}.bias", None)
         if proj in biases:
@@ -159,7 +155,8 @@ def plan_layout(model: nn.Module, shapes: list[LayerShape], biases: list[list[st
         shapes: per layer, the pruned shape (from the plan: H - heads removed, G - KV heads
             removed, h, F - channels removed).
         biases: per layer, the projections with a bias after pruning (the dense ones plus the
-            o_proj / down_proj biases the recovery adds), in q_proj ... down_proj order.
+            o_proj / down_proj biases the recovery adds), Linear module names in q_proj ...
+            down_proj order (:func:`planned_biases`).
         dtype: dtype of the saved blocks (default: the model's; a block-at-a-time model
             computes in float32 and saves in its source dtype).
 
@@ -183,15 +180,17 @@ def plan_layout(model: nn.Module, shapes: list[LayerShape], biases: list[list[st
     return layout, config
 
 
-def planned_biases(spec: Any, o_bias_added: bool, down_bias_added: bool) -> list[str]:
-    """The projections of a layer with a bias after pruning: those of ``spec`` (a
+def planned_biases(adapter: Any, spec: Any, o_bias_added: bool, down_bias_added: bool) -> list[str]:
+    """The Linear modules of a layer of the family of ``adapter`` with a bias after pruning:
+    those holding a projection with a bias in ``spec`` (a
     :class:`slimllm.pruning.ratios.LayerSpec`) plus o_proj / down_proj when the recovery adds
-    them, in q_proj ... down_proj order."""
+    them, in :meth:`~slimllm.families.adapters.ModelAdapter.linear_modules` order (Phi-3:
+    ``qkv_proj`` when q, k or v has one)."""
     added = {"o_proj": o_bias_added, "down_proj": down_bias_added}
     return [
-        name
-        for name in (*_ATTENTION_PROJECTIONS, *_MLP_PROJECTIONS)
-        if getattr(spec, f"{name.removesuffix('_proj')}_bias") or added.get(name, False)
+        qualified.split(".")[1]
+        for qualified, parts in adapter.linear_modules().items()
+        if any(getattr(spec, f"{p.removesuffix('_proj')}_bias") or added.get(p, False) for p in parts)
     ]
 
 

@@ -463,7 +463,7 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
 
     Args:
         model: a transformers ``*ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
-            Qwen3, SmolLM2, Granite, Gemma, Gemma 2, Gemma 3 text), any dtype, on CPU (or already on ``config.device``).
+            Qwen3, SmolLM2, Granite, Gemma, Gemma 2, Gemma 3 text, Phi-3), any dtype, on CPU (or already on ``config.device``).
         tokenizer: its tokenizer (only used for the report; may be None).
         calibration_batches: a ``slimllm.pruning.calibration.CalibrationSet``, an int64 tensor
             (N, L), or an iterable of (b, L) tensors / ``{"input_ids": ...}`` dicts; re-chunked
@@ -792,7 +792,8 @@ def _block_layout(model, plan, specs, lazy=None):
                    s.intermediate_size - p.channels_removed)
         for p, s in zip(plan.layers, specs, strict=True)
     ]
-    biases = [planned_biases(s, p.o_bias_added, p.down_bias_added)
+    adapter = get_adapter(model)
+    biases = [planned_biases(adapter, s, p.o_bias_added, p.down_bias_added)
               for p, s in zip(plan.layers, specs, strict=True)]
     return plan_layout(model, shapes, biases, None if lazy is None else lazy.dtype)[0]
 
@@ -1058,9 +1059,10 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
     if not prune_channels:
         outs = block_outs
     else:
-        w_gate, w_up, w_down = (
-            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        (gate, gate_rows), (up, up_rows) = (
+            adapter.projection(layer, "gate_proj"), adapter.projection(layer, "up_proj")
         )
+        w_gate, w_up, w_down = gate.weight[gate_rows], up.weight[up_rows], mlp.down_proj.weight
         w_down64 = _np64(w_down)
         with timings("ranking"), _context(f"layer {i}, channel scores"):
             y_cov = y_mom.covariance()

@@ -135,22 +135,18 @@ def layer_specs(model, adapter) -> list[LayerSpec]:
     specs = []
     for layer in adapter.layers(model):
         shape = adapter.layer_shape(layer)
-        attn = adapter.attention(layer)
-        mlp = adapter.mlp(layer)
+        biased = {
+            name: adapter.projection(layer, name)[0].bias is not None
+            for name in (*adapter.attention_projections, *adapter.mlp_projections)
+        }
         specs.append(
             LayerSpec(
                 num_heads=shape.num_heads,
                 num_kv_heads=shape.num_kv_heads,
                 head_dim=shape.head_dim,
                 intermediate_size=shape.intermediate_size,
-                hidden_size=attn.o_proj.out_features,
-                q_bias=attn.q_proj.bias is not None,
-                k_bias=attn.k_proj.bias is not None,
-                v_bias=attn.v_proj.bias is not None,
-                o_bias=attn.o_proj.bias is not None,
-                gate_bias=mlp.gate_proj.bias is not None,
-                up_bias=mlp.up_proj.bias is not None,
-                down_bias=mlp.down_proj.bias is not None,
+                hidden_size=adapter.projection(layer, "o_proj")[0].out_features,
+                **{f"{name.removesuffix('_proj')}_bias": has for name, has in biased.items()},
             )
         )
     return specs

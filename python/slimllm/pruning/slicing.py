@@ -106,10 +106,14 @@ def keep_heads(
     - ``kept_kv_heads`` given ("kv-group" mode): ``k_proj``/``v_proj`` keep the rows (and bias
       entries) of those KV heads only; every kept query head must belong to a kept KV head.
 
-    Indices refer to the layer's *current* heads (0..H-1, 0..G-1); order does not matter (they
-    are sorted). ``attention.num_key_value_groups`` becomes H'/G' (and ``num_heads`` /
-    ``num_key_value_heads`` where the module has them); ``config.head_dim`` becomes explicit.
-    Qwen3's ``q_norm``/``k_norm`` (size head_dim, shared by heads) are untouched.
+    A fused module (Phi-3's ``qkv_proj``) keeps the same rows of each of its parts
+    (``adapter.rows_to_keep``). Indices refer to the layer's *current* heads (0..H-1, 0..G-1);
+    order does not matter (they are sorted). ``attention.num_key_value_groups`` becomes H'/G'
+    (and ``num_heads`` / ``num_key_value_heads`` where the module has them); for a family with
+    ``adapter.layer_config_fields`` (Phi-3) the attention module's ``config`` becomes a
+    per-layer view with H' / G' (:class:`slimllm.families.modeling_slimllm.LayerConfig`);
+    ``config.head_dim`` becomes explicit. Qwen3's ``q_norm``/``k_norm`` (size head_dim,
+    shared by heads) are untouched.
 
     Raises:
         InvalidCountError: empty, duplicate or out-of-range indices; kept query heads of a
@@ -142,46 +146,57 @@ def keep_heads(
             f"heads per KV head: {counts} (KV group size {group})"
         )
 
+    from slimllm.families.modeling_slimllm import set_attention_heads
+
     q_rows = head_rows(heads, h)
-    attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
-    attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
+    kept_rows = {"q_proj": q_rows}
     if len(kv_heads) != num_kv:
         kv_rows = head_rows(kv_heads, h)
-        attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
-        attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
-    new_heads, new_kv = len(heads), len(kv_heads)
-    attn.num_key_value_groups = new_heads // new_kv
-    for attribute, value in (
-        ("num_heads", new_heads),
-        ("num_attention_heads", new_heads),
-        ("num_key_value_heads", new_kv),
-    ):
-        if hasattr(attn, attribute):
-            setattr(attn, attribute, value)
+        kept_rows |= {"k_proj": kv_rows, "v_proj": kv_rows}
+    o_linear, _ = adapter.projection(layer, "o_proj")
+    hidden = o_linear.out_features
+    for qualified, parts in adapter.linear_modules().items():
+        rows = adapter.rows_to_keep(shape, hidden, qualified, kept_rows)
+        if rows is not None:
+            adapter.set_linear_module(layer, qualified, _sliced_linear(adapter.linear(layer, qualified), rows=rows))
+        elif "o_proj" in parts:
+            adapter.set_linear_module(layer, qualified, _sliced_linear(o_linear, cols=q_rows))
+    set_attention_heads(attn, len(heads), len(kv_heads), adapter.layer_config_fields)
     _make_head_dim_explicit(attn, h)
 
 
 def keep_channels(adapter: ModelAdapter, layer: nn.Module, kept_channels: Sequence[int]) -> None:
     """Keep only the MLP channels ``kept_channels`` of ``layer`` (DESIGN.md section 3).
 
-    ``gate_proj`` and ``up_proj`` keep those rows (and bias entries), ``down_proj`` those
-    columns (its bias is untouched). ``mlp.intermediate_size`` becomes the kept count.
+    ``gate_proj`` and ``up_proj`` keep those rows (and bias entries; both halves of a fused
+    ``gate_up_proj`` alike), ``down_proj`` those columns (its bias is untouched).
+    ``mlp.intermediate_size`` becomes the kept count.
 
     Raises:
         InvalidCountError: empty, duplicate or out-of-range channel indices.
+        ShapeMismatchError: gate, up and down disagree on the intermediate size.
     """
     mlp = adapter.mlp(layer)
-    channels = _indices(kept_channels, mlp.gate_proj.out_features, "kept_channels")
-    width = mlp.gate_proj.out_features
-    if mlp.up_proj.out_features != width or mlp.down_proj.in_features != width:
+    gate, gate_rows = adapter.projection(layer, "gate_proj")
+    up, up_rows = adapter.projection(layer, "up_proj")
+    down, _ = adapter.projection(layer, "down_proj")
+    width = gate_rows.stop - gate_rows.start
+    channels = _indices(kept_channels, width, "kept_channels")
+    if up_rows.stop - up_rows.start != width or down.in_features != width:
         raise ShapeMismatchError(
-            f"MLP projections disagree on the intermediate size: gate {mlp.gate_proj.out_features}, "
-            f"up {mlp.up_proj.out_features}, down {mlp.down_proj.in_features}"
+            f"MLP projections disagree on the intermediate size: gate {width}, "
+            f"up {up_rows.stop - up_rows.start}, down {down.in_features}"
         )
     idx = torch.as_tensor(channels, dtype=torch.long)
-    mlp.gate_proj = _sliced_linear(mlp.gate_proj, rows=idx)
-    mlp.up_proj = _sliced_linear(mlp.up_proj, rows=idx)
-    mlp.down_proj = _sliced_linear(mlp.down_proj, cols=idx)
+    kept_rows = {"gate_proj": idx, "up_proj": idx}
+    shape = adapter.layer_shape(layer)
+    hidden = down.out_features
+    for qualified, parts in adapter.linear_modules().items():
+        rows = adapter.rows_to_keep(shape, hidden, qualified, kept_rows)
+        if rows is not None:
+            adapter.set_linear_module(layer, qualified, _sliced_linear(adapter.linear(layer, qualified), rows=rows))
+        elif "down_proj" in parts:
+            adapter.set_linear_module(layer, qualified, _sliced_linear(down, cols=idx))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(channels)
 
