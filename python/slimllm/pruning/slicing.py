@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimllm.families.adapters import ModelAdapter
+from slimllm.families.adapters import LayerShape, ModelAdapter
 from slimllm.errors import InvalidCountError, NonFiniteError, ShapeMismatchError
 
 __all__ = ["keep_heads", "keep_channels", "set_linear", "head_rows"]
@@ -86,6 +86,23 @@ def _make_head_dim_explicit(attn: nn.Module, head_dim: int) -> None:
     config = getattr(attn, "config", None)
     if config is not None and getattr(config, "head_dim", None) != head_dim:
         config.head_dim = head_dim
+
+
+def _slice_layer(adapter: ModelAdapter, layer: nn.Module, shape: LayerShape,
+                 kept_rows: dict[str, torch.Tensor], last: str, kept_cols: torch.Tensor) -> None:
+    """Replace every Linear module of ``layer`` (fused ones included) by its sliced copy: the
+    output rows of the logical projections in ``kept_rows`` (name -> kept row indices within
+    that projection, e.g. ``{"q_proj": rows}``) and the input columns ``kept_cols`` of the
+    branch's last projection ``last`` (``"o_proj"`` or ``"down_proj"``). ``shape`` is the
+    layer's shape before slicing; the hidden size is ``last``'s output width."""
+    last_linear, _ = adapter.projection(layer, last)
+    hidden = last_linear.out_features
+    for qualified, parts in adapter.linear_modules().items():
+        rows = adapter.rows_to_keep(shape, hidden, qualified, kept_rows)
+        if rows is not None:
+            adapter.set_linear_module(layer, qualified, _sliced_linear(adapter.linear(layer, qualified), rows=rows))
+        elif last in parts:
+            adapter.set_linear_module(layer, qualified, _sliced_linear(last_linear, cols=kept_cols))
 
 
 def keep_heads(
@@ -153,14 +170,7 @@ def keep_heads(
     if len(kv_heads) != num_kv:
         kv_rows = head_rows(kv_heads, h)
         kept_rows |= {"k_proj": kv_rows, "v_proj": kv_rows}
-    o_linear, _ = adapter.projection(layer, "o_proj")
-    hidden = o_linear.out_features
-    for qualified, parts in adapter.linear_modules().items():
-        rows = adapter.rows_to_keep(shape, hidden, qualified, kept_rows)
-        if rows is not None:
-            adapter.set_linear_module(layer, qualified, _sliced_linear(adapter.linear(layer, qualified), rows=rows))
-        elif "o_proj" in parts:
-            adapter.set_linear_module(layer, qualified, _sliced_linear(o_linear, cols=q_rows))
+    _slice_layer(adapter, layer, shape, kept_rows, "o_proj", q_rows)
     set_attention_heads(attn, len(heads), len(kv_heads), adapter.layer_config_fields)
     _make_head_dim_explicit(attn, h)
 
@@ -189,14 +199,7 @@ def keep_channels(adapter: ModelAdapter, layer: nn.Module, kept_channels: Sequen
         )
     idx = torch.as_tensor(channels, dtype=torch.long)
     kept_rows = {"gate_proj": idx, "up_proj": idx}
-    shape = adapter.layer_shape(layer)
-    hidden = down.out_features
-    for qualified, parts in adapter.linear_modules().items():
-        rows = adapter.rows_to_keep(shape, hidden, qualified, kept_rows)
-        if rows is not None:
-            adapter.set_linear_module(layer, qualified, _sliced_linear(adapter.linear(layer, qualified), rows=rows))
-        elif "down_proj" in parts:
-            adapter.set_linear_module(layer, qualified, _sliced_linear(down, cols=idx))
+    _slice_layer(adapter, layer, adapter.layer_shape(layer), kept_rows, "down_proj", idx)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(channels)
 
