@@ -34,6 +34,13 @@ gemma3_text  Gemma 3 (text decoder, ``Gemma3ForCausalLM``): Gemma 2's layout plu
              ``q_norm``/``k_norm`` of size ``head_dim`` shared by all heads (as in qwen3)
              and separate rotary embeddings for sliding and global layers; the multimodal
              ``gemma3`` (``Gemma3ForConditionalGeneration``) is not supported
+olmo2        OLMo 2 (``Olmo2ForCausalLM``): no input norms, only post norms
+             (``post_attention_layernorm`` on the o_proj output, ``post_feedforward_layernorm``
+             on the down_proj output, before the residual adds; the recovery fits the
+             projections' outputs before them, as for gemma2); ``q_norm``/``k_norm`` are
+             RMSNorms over the *whole* q_proj / k_proj output (H*h and G*h), so they are
+             sliced with the heads and the o_proj recovery is fitted on the outputs of the
+             sliced attention (``width_norms``, :class:`Olmo2Adapter`)
 ===========  ============================================================================
 
 Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<family>``
@@ -101,6 +108,12 @@ class ModelAdapter:
     mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     #: per-head modules of size head_dim shared by all heads (qwen3: q_norm, k_norm)
     shared_head_norms: tuple[str, ...] = ()
+    #: norms of the attention over the whole output of a projection (olmo2: q_norm over the
+    #: H*h q_proj outputs, k_norm over the G*h k_proj outputs), as (norm, projection) pairs:
+    #: their weights are sliced with the projection's rows, and since their RMS is taken over
+    #: the kept heads only, removing heads changes the kept heads' outputs; the pipeline then
+    #: fits the o_proj recovery on the outputs of the sliced attention
+    width_norms: tuple[tuple[str, str], ...] = ()
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack (``LlamaModel`` etc.) of a ``*ForCausalLM`` or of itself."""
@@ -214,6 +227,29 @@ class Gemma3TextAdapter(ModelAdapter):
     shared_head_norms = ("q_norm", "k_norm")
 
 
+class Olmo2Adapter(ModelAdapter):
+    """OLMo 2: post norms only (the recovery targets the o_proj / down_proj outputs before
+    ``post_attention_layernorm`` / ``post_feedforward_layernorm``, as for Gemma 2) and
+    ``q_norm`` / ``k_norm`` RMSNorms over the whole q_proj (H*h) / k_proj (G*h) output.
+
+    Removing heads slices those norms' weights with the kept rows, and their RMS is then taken
+    over the kept heads only: every kept head's queries (and keys, when KV heads go) are
+    rescaled per token, so the kept heads' o_proj inputs differ from the dense ones. The o_proj
+    recovery is therefore fitted on the o_proj inputs of the *sliced* attention, run on the
+    calibration inputs, against the dense o_proj output (``width_norms``; pipeline pass 1b).
+
+    Head scoring and the greedy swap still use the dense model's o_proj input moments
+    (DESIGN.md section 2), which assume the kept heads' outputs do not change when others are
+    removed. For OLMo 2 they do change (the rescaled queries / keys change the attention
+    weights), so the scores rate how well the kept heads' *dense* outputs reproduce the full
+    output, not the outputs they have once sliced: the selection is an approximation, the
+    recovery fit is exact for the heads selected.
+    """
+
+    name = "olmo2"
+    width_norms = (("q_norm", "q_proj"), ("k_norm", "k_proj"))
+
+
 _REGISTRY: dict[str, ModelAdapter] = {
     adapter.name: adapter
     for adapter in (
@@ -225,6 +261,7 @@ _REGISTRY: dict[str, ModelAdapter] = {
         GemmaAdapter(),
         Gemma2Adapter(),
         Gemma3TextAdapter(),
+        Olmo2Adapter(),
     )
 }
 
@@ -265,7 +302,7 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
     """The adapter for a model, a config (or config dict), or a ``model_type`` string.
 
     Keyed by ``config.model_type``: ``llama`` (SmolLM2 too), ``mistral``, ``qwen2``, ``qwen3``,
-    ``granite``, ``gemma``, ``gemma2``, ``gemma3_text`` and their slimllm per-layer variants
+    ``granite``, ``gemma``, ``gemma2``, ``gemma3_text``, ``olmo2`` and their slimllm per-layer variants
     ``slimllm_<family>``.
 
     Raises:

@@ -21,6 +21,7 @@ remote code, ``slimllm.io.checkpoint.load_pruned(DIR)`` (which imports this modu
 Self-contained on purpose: it imports only torch and transformers.
 """
 
+import torch
 from torch import nn
 from transformers import (
     Gemma2Config,
@@ -35,6 +36,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -47,6 +50,9 @@ LAYERS_KEY = "slimllm_layers"
 MODEL_TYPE_PREFIX = "slimllm_"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+#: attention norms over a projection's whole output (norm -> projection), per base family:
+#: their weights have one entry per output row of the projection
+WIDTH_NORMS = {"olmo2": {"q_norm": "q_proj", "k_norm": "k_proj"}}
 
 
 def _spec_int(spec, key, layer_idx):
@@ -61,12 +67,15 @@ def _new_linear(old, in_features, out_features, bias):
     return nn.Linear(in_features, out_features, bias=bias, device=weight.device, dtype=weight.dtype)
 
 
-def apply_layer_shapes(model, layers):
+def apply_layer_shapes(model, layers, width_norms=None):
     """Resize the q/k/v/o and gate/up/down Linear modules of every decoder layer of ``model``
     (a Llama-like ``*ForCausalLM``) to the shapes in ``layers`` (the ``slimllm_layers`` list),
     creating or dropping biases as listed, and update the attention modules' head bookkeeping
-    (``num_key_value_groups``). New modules keep the old ones' dtype and device; their values
-    are whatever ``nn.Linear`` initialises (the checkpoint overwrites them)."""
+    (``num_key_value_groups``). ``width_norms`` (norm name -> projection name, e.g. OLMo 2's
+    ``{"q_norm": "q_proj", "k_norm": "k_proj"}``): attention norms whose weight gets one entry
+    per output of that projection (initialised to ones). New modules keep the old ones' dtype
+    and device; their values are whatever ``nn.Linear`` initialises (the checkpoint overwrites
+    them)."""
     decoder_layers = model.model.layers
     if layers is None or len(layers) != len(decoder_layers):
         raise ValueError(
@@ -109,6 +118,11 @@ def apply_layer_shapes(model, layers):
             for name, (in_features, out_features) in shapes.items():
                 old = getattr(module, name)
                 setattr(module, name, _new_linear(old, in_features, out_features, name in biased))
+        for norm_name, projection in (width_norms or {}).items():
+            norm = getattr(attn, norm_name)
+            norm.weight = nn.Parameter(
+                torch.ones(attn_shapes[projection][1], dtype=norm.weight.dtype, device=norm.weight.device)
+            )
         attn.num_key_value_groups = num_heads // num_kv_heads
         for attribute, value in (
             ("num_heads", num_heads),
@@ -251,6 +265,23 @@ class SlimLLMGemma3ForCausalLM(Gemma3ForCausalLM):
         apply_layer_shapes(self, getattr(config, LAYERS_KEY, None))
 
 
+class SlimLLMOlmo2Config(Olmo2Config):
+    """Olmo2Config plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_olmo2"
+
+
+class SlimLLMOlmo2ForCausalLM(Olmo2ForCausalLM):
+    """Olmo2ForCausalLM with per-layer head counts, intermediate sizes and biases; q_norm /
+    k_norm (over the whole q_proj / k_proj output) sized to each layer's heads."""
+
+    config_class = SlimLLMOlmo2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None), WIDTH_NORMS["olmo2"])
+
+
 #: base family -> (config class, model class)
 FAMILIES = {
     "llama": (SlimLLMLlamaConfig, SlimLLMLlamaForCausalLM),
@@ -261,6 +292,7 @@ FAMILIES = {
     "gemma": (SlimLLMGemmaConfig, SlimLLMGemmaForCausalLM),
     "gemma2": (SlimLLMGemma2Config, SlimLLMGemma2ForCausalLM),
     "gemma3_text": (SlimLLMGemma3TextConfig, SlimLLMGemma3ForCausalLM),
+    "olmo2": (SlimLLMOlmo2Config, SlimLLMOlmo2ForCausalLM),
 }
 
 

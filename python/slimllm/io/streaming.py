@@ -118,18 +118,23 @@ class BlockLayout:
 def _planned_key_shapes(adapter: Any, prefix: str, index: int, layer: nn.Module, shape: LayerShape,
                         biases: list[str], hidden: int) -> dict[str, tuple[int, ...]]:
     """The state-dict names -> shapes of dense ``layer`` once pruned to ``shape`` with
-    ``biases`` (norms and other tensors keep their shapes; only shapes are read, so the layer
-    may be on the meta device)."""
+    ``biases`` (norms over a projection's whole output, ``adapter.width_norms``, take its
+    pruned output count; other norms and tensors keep their shapes; only shapes are read, so
+    the layer may be on the meta device)."""
     out = {f"{prefix}.{index}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()}
     names = {id(m): n for n, m in layer.named_modules()}
     attn, mlp = adapter.attention(layer), adapter.mlp(layer)
-    for qualified, (in_features, out_features) in projection_features(shape, hidden).items():
+    features = projection_features(shape, hidden)
+    for qualified, (in_features, out_features) in features.items():
         owner, proj = qualified.split(".")
         key = f"{prefix}.{index}.{names[id(getattr(attn if owner == 'self_attn' else mlp, proj))]}"
         out[f"{key}.weight"] = (out_features, in_features)
         out.pop(f"{key}.bias", None)
         if proj in biases:
             out[f"{key}.bias"] = (out_features,)
+    for norm, proj in adapter.width_norms:
+        key = f"{prefix}.{index}.{names[id(getattr(attn, norm))]}.weight"
+        out[key] = (features[f"self_attn.{proj}"][1],)
     return out
 
 

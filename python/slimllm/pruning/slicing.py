@@ -82,6 +82,15 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
     return new
 
 
+def _slice_norm(norm: nn.Module, rows: torch.Tensor) -> None:
+    """Keep the entries ``rows`` of a norm's ``weight`` (and ``bias`` where it has one)."""
+    for name in ("weight", "bias"):
+        param = getattr(norm, name, None)
+        if param is not None:
+            kept = param.detach().index_select(0, rows.to(param.device)).contiguous()
+            setattr(norm, name, nn.Parameter(kept, requires_grad=param.requires_grad))
+
+
 def _make_head_dim_explicit(attn: nn.Module, head_dim: int) -> None:
     config = getattr(attn, "config", None)
     if config is not None and getattr(config, "head_dim", None) != head_dim:
@@ -109,11 +118,14 @@ def keep_heads(
     Indices refer to the layer's *current* heads (0..H-1, 0..G-1); order does not matter (they
     are sorted). ``attention.num_key_value_groups`` becomes H'/G' (and ``num_heads`` /
     ``num_key_value_heads`` where the module has them); ``config.head_dim`` becomes explicit.
-    Qwen3's ``q_norm``/``k_norm`` (size head_dim, shared by heads) are untouched.
+    Qwen3's ``q_norm``/``k_norm`` (size head_dim, shared by heads) are untouched; norms over a
+    projection's whole output (``adapter.width_norms``, OLMo 2's ``q_norm``/``k_norm``) keep the
+    weight entries of that projection's kept rows.
 
     Raises:
         InvalidCountError: empty, duplicate or out-of-range indices; kept query heads of a
             dropped KV head; KV groups left with different numbers of query heads.
+        ShapeMismatchError: a width norm whose size is not its projection's output count.
     """
     attn = adapter.attention(layer)
     shape = adapter.layer_shape(layer)
@@ -142,13 +154,24 @@ def keep_heads(
             f"heads per KV head: {counts} (KV group size {group})"
         )
 
+    for norm_name, projection in adapter.width_norms:
+        width = getattr(attn, norm_name).weight.shape[0]
+        if width != getattr(attn, projection).out_features:
+            raise ShapeMismatchError(
+                f"{norm_name} has {width} weights, {projection} {getattr(attn, projection).out_features} outputs"
+            )
+
     q_rows = head_rows(heads, h)
+    kv_rows = head_rows(kv_heads, h) if len(kv_heads) != num_kv else None
+    rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}
     attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
     attn.o_proj = _sliced_linear(attn.o_proj, cols=q_rows)
-    if len(kv_heads) != num_kv:
-        kv_rows = head_rows(kv_heads, h)
+    if kv_rows is not None:
         attn.k_proj = _sliced_linear(attn.k_proj, rows=kv_rows)
         attn.v_proj = _sliced_linear(attn.v_proj, rows=kv_rows)
+    for norm_name, projection in adapter.width_norms:
+        if rows[projection] is not None:
+            _slice_norm(getattr(attn, norm_name), rows[projection])
     new_heads, new_kv = len(heads), len(kv_heads)
     attn.num_key_value_groups = new_heads // new_kv
     for attribute, value in (
