@@ -10,7 +10,7 @@ from slimllm.errors import UnsupportedArchitectureError
 
 def test_supported_architectures_listed():
     assert supported_architectures() == [
-        "gemma", "gemma2", "gemma3_text", "granite", "llama", "mistral", "qwen2", "qwen3"
+        "gemma", "gemma2", "gemma3_text", "granite", "llama", "mistral", "olmo2", "qwen2", "qwen3"
     ]
 
 

@@ -190,7 +190,8 @@ def check_exportable(family: str, where: str) -> None:
     if family not in EXPORT_FAMILIES:
         raise UnsupportedArchitectureError(
             f"{where}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r} "
-            "(llama.cpp's per-layer arch 'deci' has no q/k norms or granite multipliers)"
+            "(llama.cpp's per-layer arch 'deci' has no q/k norms, no post-only norm layout "
+            "(olmo2) and no granite multipliers)"
         )
 
 

@@ -1235,7 +1235,7 @@ def _fit_sliced_o_proj(i, layer, attn, h, kws, dense_inputs, w_o, w_o64, cols, c
         paired = _core.PairedMoments(w_o64.shape[0])
         with timings("statistics"), _context(f"layer {i}, sliced vs dense o_proj output"):
             for xs, x in zip(sliced, dense_inputs, strict=True):
-                paired.update(_np(F.linear(xs, w_kept)), _np(F.linear(x, w_o.detach())))
+                paired.update(_np(F.linear(xs.double(), w_kept.double())), _np(F.linear(x.double(), w_o.detach().double())))
         paired = reduce.stat(paired)
         with timings("regression"), _context(f"layer {i}, o_proj recovery"):
             scale, fit_bias = _core.affine_from_paired(paired)
