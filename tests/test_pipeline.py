@@ -47,7 +47,7 @@ CASES = [
     ("gemma3_text", 4, 2, True, 32),  # + q_norm / k_norm of size head_dim
     ("gemma3_text", 8, 2, False, 32),
     # no input norms, post norms only; q_norm / k_norm over the whole q / k projections
-    ("olmo2", 4, 2, False, 16),
+    ("olmo2", 8, 2, False, 16),
     ("olmo2", 4, 4, True, 16),  # MHA: k_norm sliced with the KV heads too
 ]
 #: ids name head_dim only where it is not the fixture's default 16

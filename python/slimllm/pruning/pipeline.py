@@ -1231,11 +1231,13 @@ def _fit_sliced_o_proj(i, layer, attn, h, kws, dense_inputs, w_o, w_o64, cols, c
     w_kept64 = w_o64[:, cols]
     weight = bias = damp = None
     if config.recovery == "affine":
-        w_kept = w_o.detach().index_select(1, torch.as_tensor(cols, device=w_o.device))
+        # float64 outputs: the per-coordinate slopes are as exact as affine_fit_heads' moments
+        w_full = w_o.detach().double()
+        w_kept = w_full.index_select(1, torch.as_tensor(cols, device=w_o.device))
         paired = _core.PairedMoments(w_o64.shape[0])
         with timings("statistics"), _context(f"layer {i}, sliced vs dense o_proj output"):
             for xs, x in zip(sliced, dense_inputs, strict=True):
-                paired.update(_np(F.linear(xs.double(), w_kept.double())), _np(F.linear(x.double(), w_o.detach().double())))
+                paired.update(_np(F.linear(xs.double(), w_kept)), _np(F.linear(x.double(), w_full)))
         paired = reduce.stat(paired)
         with timings("regression"), _context(f"layer {i}, o_proj recovery"):
             scale, fit_bias = _core.affine_from_paired(paired)
