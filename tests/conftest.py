@@ -72,7 +72,8 @@ def tiny_tokenizer():
     )
 
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "phi3")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3_text", "phi3",
+              "olmo2")
 #: families whose RMSNorms scale by ``1 + weight`` (weights initialised to zero)
 GEMMA_ARCHS = ("gemma", "gemma2", "gemma3_text")
 #: non-default family-specific config values, so tests exercise them (granite: its multipliers;
@@ -114,6 +115,7 @@ def make_tiny_model(tiny_tokenizer):
         "gemma2": transformers.Gemma2Config,
         "gemma3_text": transformers.Gemma3TextConfig,
         "phi3": transformers.Phi3Config,
+        "olmo2": transformers.Olmo2Config,
     }
 
     def make(
@@ -153,6 +155,13 @@ def make_tiny_model(tiny_tokenizer):
                 # a residual stream of RMS ~1.6 after the sqrt(hidden) scaling, as in the real
                 # models (std 0.02 would let the normalised block outputs swamp it)
                 model.get_input_embeddings().weight.mul_(10.0)
+        if arch == "olmo2":
+            with torch.no_grad():
+                # norm weights initialised to ones: random ones, so that slicing q_norm / k_norm
+                # with the wrong rows (or losing them on reload) changes the outputs
+                for name, param in model.named_parameters():
+                    if name.endswith("norm.weight"):
+                        param.uniform_(0.5, 1.5)
         return model.eval()
 
     return make

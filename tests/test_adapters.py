@@ -11,7 +11,7 @@ from slimllm.errors import UnsupportedArchitectureError
 
 def test_supported_architectures_listed():
     assert supported_architectures() == [
-        "gemma", "gemma2", "gemma3_text", "granite", "llama", "mistral", "phi3", "qwen2", "qwen3"
+        "gemma", "gemma2", "gemma3_text", "granite", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3"
     ]
 
 

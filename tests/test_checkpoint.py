@@ -395,7 +395,7 @@ def test_bad_dtype_and_device(saved):
 def test_unsupported_architecture_folder_fails_before_reading_weights(tmp_path):
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     model.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*gemma, gemma2, gemma3_text, granite, llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*gemma, gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2, qwen3"):
         checkpoint.load_model(tmp_path / "gpt2")
     (tmp_path / "gpt2" / "model.safetensors").unlink()  # nothing heavy is read first
     with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
@@ -451,7 +451,7 @@ def test_gguf_of_another_architecture(tmp_path, arch):
     """gpt2: transformers reads it, slimllm has no adapter; rwkv7x: transformers cannot either."""
     path = tmp_path / f"tiny-{arch}.gguf"
     _write_gguf(path, arch)
-    with pytest.raises(UnsupportedArchitectureError, match=f"'{arch}'.*gemma, gemma2, gemma3_text, granite, llama, mistral, phi3, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match=f"'{arch}'.*gemma, gemma2, gemma3_text, granite, llama, mistral, olmo2, phi3, qwen2, qwen3"):
         checkpoint.load_model(path)
 
 

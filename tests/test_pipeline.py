@@ -1,5 +1,5 @@
 """The block-by-block pipeline (slimllm.pruning.pipeline) on tiny random Llama / Mistral / Qwen2 / Qwen3
-/ Granite / Gemma / Gemma 2 / Gemma 3 / Phi-3 models, MHA and GQA, tied and untied embeddings.
+/ Granite / Gemma / Gemma 2 / Gemma 3 / Phi-3 / OLMo 2 models, MHA and GQA, tied and untied embeddings.
 
 The central check rebuilds every pruned model independently, as a *masked* dense model: the
 pruned heads' o_proj columns and the pruned channels' down_proj columns are zeroed, and the
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from width_norms import mask_width_norms
 from slimllm.families.adapters import get_adapter
 from slimllm.errors import (
     CalibrationError,
@@ -48,6 +49,9 @@ CASES = [
     # fused qkv_proj / gate_up_proj, per-layer config view, partial rotary factor 0.75
     ("phi3", 4, 4, True, 16),
     ("phi3", 8, 2, False, 16),
+    # no input norms, post norms only; q_norm / k_norm over the whole q / k projections
+    ("olmo2", 8, 2, False, 16),
+    ("olmo2", 4, 4, True, 16),  # MHA: k_norm sliced with the KV heads too
 ]
 #: ids name head_dim only where it is not the fixture's default 16
 CASE_IDS = [f"{a}-{h}h{g}kv-{'tied' if t else 'untied'}{'' if d == 16 else f'-hd{d}'}" for a, h, g, t, d in CASES]
@@ -79,36 +83,42 @@ def _capture(model, module, ids):
     return torch.cat(seen).numpy()
 
 
-def _fit(x, w, kept_cols, recovery, damp):
+def _fit(x, w, kept_cols, recovery, damp, x_kept=None):
     """Reference recovery from materialised inputs x (n, D_in) and weight w (d, D_in): returns
-    the new dense-shaped weight (zero outside kept_cols) and bias (bias-free fit)."""
+    the new dense-shaped weight (zero outside kept_cols) and bias (bias-free fit) that map the
+    kept inputs to y = x W^T. The kept inputs are x[:, kept_cols], or ``x_kept`` (n, |K|) where
+    pruning changes them (olmo2: the masked attention's o_proj inputs, see width_norms.py)."""
     d, D = w.shape
+    xk = x[:, kept_cols] if x_kept is None else x_kept
+    w_k = w[:, kept_cols]
     new_w = np.zeros_like(w)
     y_full = x @ w.T
-    y_kept = x[:, kept_cols] @ w[:, kept_cols].T
+    y_kept = xk @ w_k.T
     if recovery == "none":
-        new_w[:, kept_cols] = w[:, kept_cols]
+        new_w[:, kept_cols] = w_k
         return new_w, np.zeros(d)
     if recovery == "affine":
         scale, bias = np.empty(d), np.empty(d)
         for j in range(d):
             scale[j], bias[j] = np.polyfit(y_kept[:, j], y_full[:, j], 1)
-        new_w[:, kept_cols] = w[:, kept_cols] * scale[:, None]
+        new_w[:, kept_cols] = w_k * scale[:, None]
         return new_w, bias
-    mu = x.mean(0)
-    xc = x - mu
-    cov = xc.T @ xc / len(x)
-    ckk = cov[np.ix_(kept_cols, kept_cols)]
+    k = len(kept_cols)
+    z = np.hstack([xk, x])
+    mu = z.mean(0)
+    zc = z - mu
+    cov = zc.T @ zc / len(z)
+    ckk = cov[:k, :k]
     lam = damp * np.mean(np.diag(ckk))
-    if recovery == "ridge-delta":  # shrink toward the kept weights: fit W_P x_P with x_K
-        target = w.copy()
-        target[:, kept_cols] = 0.0
-        delta = np.linalg.solve(ckk + lam * np.eye(len(kept_cols)), cov[kept_cols] @ target.T).T
-        new_w[:, kept_cols] = w[:, kept_cols] + delta
-        return new_w, target @ mu - delta @ mu[kept_cols]
-    wt = np.linalg.solve(ckk + lam * np.eye(len(kept_cols)), cov[kept_cols] @ w.T)
+    cross = cov[:k, k:] @ w.T  # cov(x_K, y)
+    mu_k, mu_y = mu[:k], w @ mu[k:]
+    if recovery == "ridge-delta":  # shrink toward the kept weights: fit y - x_K W_K^T with x_K
+        delta = np.linalg.solve(ckk + lam * np.eye(k), cross - ckk @ w_k.T).T
+        new_w[:, kept_cols] = w_k + delta
+        return new_w, mu_y - w_k @ mu_k - delta @ mu_k
+    wt = np.linalg.solve(ckk + lam * np.eye(k), cross)
     new_w[:, kept_cols] = wt.T
-    return new_w, w @ mu - wt.T @ mu[kept_cols]
+    return new_w, mu_y - wt.T @ mu_k
 
 
 def _held_out_damp(x, w, kept_cols, recovery, n_seq):
@@ -131,7 +141,10 @@ def _held_out_damp(x, w, kept_cols, recovery, n_seq):
 
 def _masked_reference(dense, report, ids, recovery, damp, chosen=None):
     """The dense model with pruned heads/channels zeroed and the recovery refitted in numpy.
-    ``damp="auto"``: chosen per projection by :func:`_held_out_damp` (appended to ``chosen``)."""
+    ``damp="auto"``: chosen per projection by :func:`_held_out_damp` (appended to ``chosen``).
+    Families with norms over a whole projection (olmo2) get those norms masked to the kept
+    heads (width_norms.py) and the o_proj fit maps the masked attention's kept inputs to the
+    dense output of the layer's inputs."""
     ref = copy.deepcopy(dense)
     adapter = get_adapter(ref)
     for layer, entry in zip(adapter.layers(ref), report["layers"]):
@@ -144,12 +157,16 @@ def _masked_reference(dense, report, ids, recovery, damp, chosen=None):
             if len(kept_cols) == linear.in_features:
                 continue
             x = _capture(ref, linear, ids)
+            x_kept = None
+            if linear is attn.o_proj and adapter.width_norms:
+                mask_width_norms(adapter, attn, entry["kept_heads"], entry["kept_kv_heads"], h)
+                x_kept = _capture(ref, linear, ids)[:, kept_cols]
             w = linear.weight.detach().double().numpy()
             lam = damp
             if damp == "auto":
                 lam = _held_out_damp(x, w, np.asarray(kept_cols), recovery, len(ids))
                 chosen.append(lam)
-            new_w, bias = _fit(x, w, np.asarray(kept_cols), recovery, lam)
+            new_w, bias = _fit(x, w, np.asarray(kept_cols), recovery, lam, x_kept)
             old_bias = linear.bias
             with torch.no_grad():
                 linear.weight.copy_(torch.from_numpy(new_w))

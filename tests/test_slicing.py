@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_ARCHS
+from width_norms import mask_width_norms
 from slimllm.families.adapters import get_adapter
 from slimllm.errors import InvalidCountError, NonFiniteError, ShapeMismatchError
 from slimllm.pruning.slicing import head_rows, keep_channels, keep_heads, set_linear
@@ -83,6 +84,8 @@ def test_slicing_equals_masking(make_tiny_model, tiny_tokenizer, arch, layout, t
         mlp = adapter.mlp(layer)
         set_linear(mlp.down_proj, weight=mlp.down_proj.weight.detach() * d_scale[:, None], bias=d_bias)
 
+        mask_width_norms(adapter, adapter.attention(ref_layer), kept,
+                         sorted({a // group for a in kept}), 16)  # olmo2's q_norm / k_norm
         head_mask = torch.zeros(num_heads * 16)
         head_mask[head_rows(kept, 16)] = 1
         _apply_affine_reference(adapter.attention(ref_layer).o_proj, head_mask, o_scale, o_bias)
@@ -148,6 +151,7 @@ def test_kv_group_removal_equals_masking_qkv(make_tiny_model, tiny_tokenizer, ar
         kept = [a for a in range(num_heads) if a // group in kept_kv]
         keep_heads(adapter, layer, kept, kept_kv_heads=kept_kv)
         _mask_kv_groups(adapter, ref_layer, dropped, group, 16, num_heads)
+        mask_width_norms(adapter, adapter.attention(ref_layer), kept, kept_kv, 16)
         attn = adapter.attention(layer)
         (k, k_rows), (v, v_rows) = adapter.projection(layer, "k_proj"), adapter.projection(layer, "v_proj")
         assert k.weight[k_rows].shape[0] == v.weight[v_rows].shape[0] == len(kept_kv) * 16

@@ -40,6 +40,13 @@ phi3         Phi-3 / Phi-3.5 / Phi-4-mini (``Phi3ForCausalLM``): fused ``self_at
              ``config.num_attention_heads`` / ``config.num_key_value_heads``, so a pruned
              layer's attention reads a per-layer config view (``layer_config_fields``);
              ``partial_rotary_factor`` (Phi-4-mini) is a fraction of head_dim, unaffected
+olmo2        OLMo 2 (``Olmo2ForCausalLM``): no input norms, only post norms
+             (``post_attention_layernorm`` on the o_proj output, ``post_feedforward_layernorm``
+             on the down_proj output, before the residual adds; the recovery fits the
+             projections' outputs before them, as for gemma2); ``q_norm``/``k_norm`` are
+             RMSNorms over the *whole* q_proj / k_proj output (H*h and G*h), so they are
+             sliced with the heads and the o_proj recovery is fitted on the outputs of the
+             sliced attention (``width_norms``, :class:`Olmo2Adapter`)
 ===========  ============================================================================
 
 Fused projections are declared per family (``fused_projections``); everything else reads the
@@ -239,6 +246,12 @@ class ModelAdapter:
             local = torch.arange(rows.stop - rows.start) if own is None else own.to(torch.long)
             pieces.append(local + rows.start)
         return torch.cat(pieces)
+    #: norms of the attention over the whole output of a projection (olmo2: q_norm over the
+    #: H*h q_proj outputs, k_norm over the G*h k_proj outputs), as (norm, projection) pairs:
+    #: their weights are sliced with the projection's rows, and since their RMS is taken over
+    #: the kept heads only, removing heads changes the kept heads' outputs; the pipeline then
+    #: fits the o_proj recovery on the outputs of the sliced attention
+    width_norms: tuple[tuple[str, str], ...] = ()
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The decoder stack (``LlamaModel`` etc.) of a ``*ForCausalLM`` or of itself."""
@@ -380,6 +393,29 @@ class Phi3Adapter(ModelAdapter):
     layer_config_fields = ("num_attention_heads", "num_key_value_heads")
 
 
+class Olmo2Adapter(ModelAdapter):
+    """OLMo 2: post norms only (the recovery targets the o_proj / down_proj outputs before
+    ``post_attention_layernorm`` / ``post_feedforward_layernorm``, as for Gemma 2) and
+    ``q_norm`` / ``k_norm`` RMSNorms over the whole q_proj (H*h) / k_proj (G*h) output.
+
+    Removing heads slices those norms' weights with the kept rows, and their RMS is then taken
+    over the kept heads only: every kept head's queries (and keys, when KV heads go) are
+    rescaled per token, so the kept heads' o_proj inputs differ from the dense ones. The o_proj
+    recovery is therefore fitted on the o_proj inputs of the *sliced* attention, run on the
+    calibration inputs, against the dense o_proj output (``width_norms``; pipeline pass 1b).
+
+    Head scoring and the greedy swap still use the dense model's o_proj input moments
+    (DESIGN.md section 2), which assume the kept heads' outputs do not change when others are
+    removed. For OLMo 2 they do change (the rescaled queries / keys change the attention
+    weights), so the scores rate how well the kept heads' *dense* outputs reproduce the full
+    output, not the outputs they have once sliced: the selection is an approximation, the
+    recovery fit is exact for the heads selected.
+    """
+
+    name = "olmo2"
+    width_norms = (("q_norm", "q_proj"), ("k_norm", "k_proj"))
+
+
 _REGISTRY: dict[str, ModelAdapter] = {
     adapter.name: adapter
     for adapter in (
@@ -392,6 +428,7 @@ _REGISTRY: dict[str, ModelAdapter] = {
         Gemma2Adapter(),
         Gemma3TextAdapter(),
         Phi3Adapter(),
+        Olmo2Adapter(),
     )
 }
 
@@ -432,8 +469,8 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
     """The adapter for a model, a config (or config dict), or a ``model_type`` string.
 
     Keyed by ``config.model_type``: ``llama`` (SmolLM2 too), ``mistral``, ``qwen2``, ``qwen3``,
-    ``granite``, ``gemma``, ``gemma2``, ``gemma3_text``, ``phi3`` and their slimllm per-layer variants
-    ``slimllm_<family>``.
+    ``granite``, ``gemma``, ``gemma2``, ``gemma3_text``, ``phi3``, ``olmo2`` and their slimllm
+    per-layer variants ``slimllm_<family>``.
 
     Raises:
         UnsupportedArchitectureError: any other family; the message names the architecture

@@ -21,6 +21,7 @@ remote code, ``slimllm.io.checkpoint.load_pruned(DIR)`` (which imports this modu
 Self-contained on purpose: it imports only torch and transformers.
 """
 
+import torch
 from torch import nn
 from transformers import (
     Gemma2Config,
@@ -35,6 +36,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Phi3Config,
@@ -49,6 +52,9 @@ LAYERS_KEY = "slimllm_layers"
 MODEL_TYPE_PREFIX = "slimllm_"
 #: fused Linear modules -> the projections they stack along their rows, in order (Phi-3)
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+#: attention norms over a projection's whole output (norm -> projection), per base family:
+#: their weights have one entry per output row of the projection (OLMo 2)
+WIDTH_NORMS = {"olmo2": {"q_norm": "q_proj", "k_norm": "k_proj"}}
 
 
 class LayerConfig:
@@ -109,13 +115,16 @@ def _new_linear(old, in_features, out_features, bias):
     return nn.Linear(in_features, out_features, bias=bias, device=weight.device, dtype=weight.dtype)
 
 
-def apply_layer_shapes(model, layers, config_fields=()):
+def apply_layer_shapes(model, layers, config_fields=(), width_norms=None):
     """Resize the Linear modules of the attention and MLP of every decoder layer of ``model``
     (a Llama-like ``*ForCausalLM``; fused ones as listed in ``FUSED_PROJECTIONS``) to the
     shapes in ``layers`` (the ``slimllm_layers`` list), creating or dropping biases as listed,
     and update the attention modules' head bookkeeping (:func:`set_attention_heads` with
-    ``config_fields``). New modules keep the old ones' dtype and device; their values are
-    whatever ``nn.Linear`` initialises (the checkpoint overwrites them)."""
+    ``config_fields``). ``width_norms`` (norm name -> projection name, e.g. OLMo 2's
+    ``{"q_norm": "q_proj", "k_norm": "k_proj"}``): attention norms whose weight gets one entry
+    per output row of that projection (initialised to ones). New modules keep the old ones'
+    dtype and device; their values are whatever ``nn.Linear`` initialises (the checkpoint
+    overwrites them)."""
     decoder_layers = model.model.layers
     if layers is None or len(layers) != len(decoder_layers):
         raise ValueError(
@@ -163,6 +172,11 @@ def apply_layer_shapes(model, layers, config_fields=()):
             parts = FUSED_PROJECTIONS.get(name, (name,))
             rows = sum(shapes[p][0] for p in parts)
             setattr(module, name, _new_linear(old, shapes[parts[0]][1], rows, name in biased))
+        for norm_name, projection in (width_norms or {}).items():
+            norm = getattr(attn, norm_name)
+            norm.weight = nn.Parameter(
+                torch.ones(shapes[projection][0], dtype=norm.weight.dtype, device=norm.weight.device)
+            )
         set_attention_heads(attn, num_heads, num_kv_heads, config_fields)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = intermediate
@@ -318,6 +332,23 @@ class SlimLLMPhi3ForCausalLM(Phi3ForCausalLM):
         )
 
 
+class SlimLLMOlmo2Config(Olmo2Config):
+    """Olmo2Config plus ``slimllm_layers`` (per-layer shapes and biases)."""
+
+    model_type = "slimllm_olmo2"
+
+
+class SlimLLMOlmo2ForCausalLM(Olmo2ForCausalLM):
+    """Olmo2ForCausalLM with per-layer head counts, intermediate sizes and biases; q_norm /
+    k_norm (over the whole q_proj / k_proj output) sized to each layer's heads."""
+
+    config_class = SlimLLMOlmo2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, getattr(config, LAYERS_KEY, None), width_norms=WIDTH_NORMS["olmo2"])
+
+
 #: base family -> (config class, model class)
 FAMILIES = {
     "llama": (SlimLLMLlamaConfig, SlimLLMLlamaForCausalLM),
@@ -329,6 +360,7 @@ FAMILIES = {
     "gemma2": (SlimLLMGemma2Config, SlimLLMGemma2ForCausalLM),
     "gemma3_text": (SlimLLMGemma3TextConfig, SlimLLMGemma3ForCausalLM),
     "phi3": (SlimLLMPhi3Config, SlimLLMPhi3ForCausalLM),
+    "olmo2": (SlimLLMOlmo2Config, SlimLLMOlmo2ForCausalLM),
 }
 
 

@@ -193,8 +193,8 @@ def check_exportable(family: str, where: str) -> None:
         raise UnsupportedArchitectureError(
             f"{where}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r} "
             "(llama.cpp's 'llama' and per-layer 'deci' archs hold the plain Llama block: no q/k "
-            "norms, granite multipliers, Gemma's 1 + weight norms and GeGLU, or Phi-3's partial "
-            "rotary embedding and LongRoPE)"
+            "norms, granite multipliers, Gemma's 1 + weight norms and GeGLU, OLMo 2's post-only "
+            "norm layout, or Phi-3's partial rotary embedding and LongRoPE)"
         )
 
 

@@ -115,8 +115,9 @@ class BlockLayout:
 def _planned_key_shapes(adapter: Any, prefix: str, index: int, layer: nn.Module, shape: LayerShape,
                         biases: list[str], hidden: int) -> dict[str, tuple[int, ...]]:
     """The state-dict names -> shapes of dense ``layer`` once pruned to ``shape`` with
-    ``biases`` (norms and other tensors keep their shapes; only shapes are read, so the layer
-    may be on the meta device)."""
+    ``biases`` (norms over a projection's whole output, ``adapter.width_norms``, take its
+    pruned output count; other norms and tensors keep their shapes; only shapes are read, so
+    the layer may be on the meta device)."""
     out = {f"{prefix}.{index}.{k}": tuple(v.shape) for k, v in layer.state_dict().items()}
     names = {id(m): n for n, m in layer.named_modules()}
     for qualified, (in_features, out_features) in adapter.linear_features(shape, hidden).items():
@@ -126,6 +127,10 @@ def _planned_key_shapes(adapter: Any, prefix: str, index: int, layer: nn.Module,
         out.pop(f"{key}.bias", None)
         if proj in biases:
             out[f"{key}.bias"] = (out_features,)
+    widths = {"q_proj": shape.attention_width, "k_proj": shape.kv_width, "v_proj": shape.kv_width}
+    for norm, proj in adapter.width_norms:
+        key = f"{prefix}.{index}.{names[id(getattr(adapter.attention(layer), norm))]}.weight"
+        out[key] = (widths[proj],)
     return out
 
 

@@ -15,9 +15,13 @@ the style of a sequential (SparseGPT-like) pipeline:
 
    - pass 1: forward up to the o_proj input, streamed into ``_core.Moments`` (D); heads are
      ranked and chosen (``head_pair_stats``, ``select_heads``), the o_proj recovery is fitted
-     from the same moments (ridge-delta, ridge or affine) and the attention is sliced;
+     from the same moments (ridge-delta, ridge or affine) and the attention is sliced; for a
+     family whose norms span a whole projection (``adapter.width_norms``, OLMo 2's q_norm /
+     k_norm) the kept heads' outputs change with the slicing, so the attention is sliced
+     first and the fit uses the sliced attention's o_proj inputs (pass 1b,
+     :func:`_fit_sliced_o_proj`);
    - pass 2: the block runs with the pruned attention (its o_proj applied to the stored pass-1
-     inputs, the rest of the attention is not recomputed); hooks stream the MLP input
+     (1b) inputs, the rest of the attention is not recomputed); hooks stream the MLP input
      (``SquareSums`` d), the down_proj input a = act(gate x) * up x (``SquareSums`` F, and
      ``Moments`` F for ridge) and the bias-free MLP output (``Moments`` d); channels are scored
      and chosen (``channel_scores``, ``select_channels``); the affine recovery streams
@@ -463,7 +467,7 @@ def prune_model(model, tokenizer, calibration_batches, config: PruneConfig, stat
 
     Args:
         model: a transformers ``*ForCausalLM`` of a supported family (Llama, Mistral, Qwen2,
-            Qwen3, SmolLM2, Granite, Gemma, Gemma 2, Gemma 3 text, Phi-3), any dtype, on CPU (or already on ``config.device``).
+            Qwen3, SmolLM2, Granite, Gemma, Gemma 2, Gemma 3 text, Phi-3, OLMo 2), any dtype, on CPU (or already on ``config.device``).
         tokenizer: its tokenizer (only used for the report; may be None).
         calibration_batches: a ``slimllm.pruning.calibration.CalibrationSet``, an int64 tensor
             (N, L), or an iterable of (b, L) tensors / ``{"input_ids": ...}`` dicts; re-chunked
@@ -912,24 +916,11 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
     if prune_heads:
         o_stats = _InputMoments(D, held)
 
-        def o_pre(_module, args):
-            x = args[0]
+        def o_pre(c, x):
             with timings("statistics"), _context(f"layer {i}, o_proj input"):
-                o_stats.update(state["chunk"], _np(x))
-            o_inputs.append(x.detach())
-            raise _Stop
+                o_stats.update(c, _np(x))
 
-        handle = attn.o_proj.register_forward_pre_hook(o_pre)
-        try:
-            with timings("forward"):
-                for c, (x, kw) in enumerate(zip(h, kws)):
-                    state["chunk"] = c
-                    try:
-                        _run_layer(layer, x, kw)
-                    except _Stop:
-                        pass
-        finally:
-            handle.remove()
+        o_inputs = _o_proj_inputs(layer, attn, h, kws, timings, o_pre)
         o_stats.combine(reduce)
 
         w_o = attn.o_proj.weight
@@ -955,22 +946,37 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
                 f"plan says {H - p.heads_removed} / {G - p.kv_heads_removed}"
             )
         cols = np.concatenate([np.arange(a * hd, (a + 1) * hd) for a in kept_heads])
-        weight = bias = None
-        with timings("regression"), _context(f"layer {i}, o_proj recovery"):
-            if config.recovery == "affine":
-                scale, fit_bias = _core.affine_fit_heads(moments, w_o64, m, kept_heads)
-                weight = w_o64[:, cols] * np.asarray(scale)[:, None]
-                bias = np.asarray(fit_bias)
-            elif config.recovery in ("ridge", "ridge-delta"):
-                weight, bias, damp = _ridge(o_stats, w_o64, cols, config)
-                info["o_proj_ridge_damp"] = damp
-            if bias is not None and old_o_bias is not None:
-                bias = bias + old_o_bias
-        with timings("slicing"):
-            slicing.keep_heads(
-                adapter, layer, kept_heads, kept_kv if p.kv_heads_removed else None
+        weight = bias = damp = None
+        if adapter.width_norms:
+            # the norms over the whole q/k projections change the kept heads' outputs: the
+            # recovery is fitted on the sliced attention's o_proj inputs (pass 1b), which pass 2
+            # then reads whole (the dense inputs are dropped)
+            with timings("slicing"):
+                slicing.keep_heads(
+                    adapter, layer, kept_heads, kept_kv if p.kv_heads_removed else None
+                )
+            o_inputs, weight, bias, damp = _fit_sliced_o_proj(
+                i, layer, attn, h, kws, o_inputs, w_o, w_o64, cols, config, held, timings, reduce
             )
-            if weight is not None:
+            cols = np.arange(len(cols))
+        else:
+            with timings("regression"), _context(f"layer {i}, o_proj recovery"):
+                if config.recovery == "affine":
+                    scale, fit_bias = _core.affine_fit_heads(moments, w_o64, m, kept_heads)
+                    weight = w_o64[:, cols] * np.asarray(scale)[:, None]
+                    bias = np.asarray(fit_bias)
+                elif config.recovery in ("ridge", "ridge-delta"):
+                    weight, bias, damp = _ridge(o_stats, w_o64, cols, config)
+            with timings("slicing"):
+                slicing.keep_heads(
+                    adapter, layer, kept_heads, kept_kv if p.kv_heads_removed else None
+                )
+        if config.recovery in ("ridge", "ridge-delta"):
+            info["o_proj_ridge_damp"] = damp
+        if bias is not None and old_o_bias is not None:
+            bias = bias + old_o_bias
+        if weight is not None:
+            with timings("slicing"):
                 slicing.set_linear(
                     attn.o_proj, weight=_tensor_like(weight, w_o), bias=_tensor_like(bias, w_o)
                 )
@@ -1156,6 +1162,77 @@ def _prune_block(i, layer, adapter, slicing, p, spec, h, kws, config, timings, t
     return outs, info
 
 
+def _o_proj_inputs(layer, attn, h, kws, timings, on_input=None) -> list:
+    """The o_proj inputs (b, L, width) of ``layer``'s attention for every chunk of ``h``
+    (block inputs, ``kws`` their kwargs), the forward stopped at o_proj; ``on_input(c, x)``
+    is called on chunk c's inputs as they arrive (statistics)."""
+    inputs: list = []
+
+    def pre(_module, args):
+        x = args[0].detach()
+        if on_input is not None:
+            on_input(len(inputs), x)
+        inputs.append(x)
+        raise _Stop
+
+    handle = attn.o_proj.register_forward_pre_hook(pre)
+    try:
+        with timings("forward"):
+            for x, kw in zip(h, kws):
+                try:
+                    _run_layer(layer, x, kw)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _fit_sliced_o_proj(i, layer, attn, h, kws, dense_inputs, w_o, w_o64, cols, config, held,
+                       timings, reduce):
+    """Pass 1b, the o_proj recovery for families with ``adapter.width_norms`` (OLMo 2): the
+    sliced attention (heads already removed, its o_proj not yet refitted) runs on the block
+    inputs ``h``; its o_proj inputs x'_K (tokens, |K| h) are fitted against the dense output
+    y = x W_o^T of the dense o_proj inputs ``dense_inputs`` (tokens, D) with the dense weight
+    ``w_o`` (d, D; ``w_o64`` its float64 numpy copy) and ``cols`` the kept heads' columns.
+
+    - affine: per coordinate y_j ~ alpha_j (x'_K W_K^T)_j + beta_j from ``PairedMoments``;
+    - ridge / ridge-delta: :func:`_ridge` on the moments of z = [x'_K, x] ((|K| h + D) dims)
+      with the target weight [0, W_o] and the kept columns the first |K| h, ridge-delta
+      shrinking toward W_K (held-out split ``held`` for ``ridge_damp="auto"``);
+    - none: no fit.
+
+    Returns ``(x'_K per chunk, weight (d, |K| h) float64 or None, bias (d,) float64 or None
+    (bias-free fit), damp or None)``. Core errors are prefixed with the layer and tensor.
+    """
+    sliced = _o_proj_inputs(layer, attn, h, kws, timings)
+    w_kept64 = w_o64[:, cols]
+    weight = bias = damp = None
+    if config.recovery == "affine":
+        # float64 outputs: the per-coordinate slopes are as exact as affine_fit_heads' moments
+        w_full = w_o.detach().double()
+        w_kept = w_full.index_select(1, torch.as_tensor(cols, device=w_o.device))
+        paired = _core.PairedMoments(w_o64.shape[0])
+        with timings("statistics"), _context(f"layer {i}, sliced vs dense o_proj output"):
+            for xs, x in zip(sliced, dense_inputs, strict=True):
+                paired.update(_np(F.linear(xs.double(), w_kept)), _np(F.linear(x.double(), w_full)))
+        paired = reduce.stat(paired)
+        with timings("regression"), _context(f"layer {i}, o_proj recovery"):
+            scale, fit_bias = _core.affine_from_paired(paired)
+        weight, bias = w_kept64 * np.asarray(scale)[:, None], np.asarray(fit_bias)
+    elif config.recovery in ("ridge", "ridge-delta"):
+        k = len(cols)
+        stats = _InputMoments(k + w_o64.shape[1], held)
+        with timings("statistics"), _context(f"layer {i}, sliced and dense o_proj inputs"):
+            for c, (xs, x) in enumerate(zip(sliced, dense_inputs, strict=True)):
+                stats.update(c, _np(torch.cat([xs, x], dim=-1)))
+        stats.combine(reduce)
+        w_fit = np.hstack([np.zeros((w_o64.shape[0], k)), w_o64])
+        with timings("regression"), _context(f"layer {i}, o_proj recovery"):
+            weight, bias, damp = _ridge(stats, w_fit, np.arange(k), config, base=w_kept64)
+    return sliced, weight, bias, damp
+
+
 def _auto_damp(config: PruneConfig) -> bool:
     """Whether the ridge damping is chosen from held-out calibration data."""
     return config.ridge_damp == "auto" and config.recovery.startswith("ridge")
@@ -1238,28 +1315,31 @@ def _held_out_error(moments, w64: np.ndarray, kept_cols, weight: np.ndarray, bia
     return float(np.einsum("ij,ij->", a @ c, a) + r @ r)
 
 
-def _ridge(stats: _InputMoments, w64: np.ndarray, kept_cols: np.ndarray, config: PruneConfig):
+def _ridge(stats: _InputMoments, w64: np.ndarray, kept_cols: np.ndarray, config: PruneConfig,
+           base: np.ndarray | None = None):
     """Ridge recovery of a projection ``w64`` (d_out, D_in) restricted to ``kept_cols``.
 
     ``ridge`` (DESIGN.md section 2): W' = argmin ||x_K W'^T + b - W x||^2 + lam ||W'||^2.
-    ``ridge-delta``: W' = W_K + Delta with Delta = argmin ||x_K Delta^T + b - W_P x_P||^2 +
+    ``ridge-delta``: W' = B + Delta with Delta = argmin ||x_K Delta^T + b - (W x - B x_K)||^2 +
     lam ||Delta||^2, i.e. the same least squares shrunk toward the original kept weights
-    instead of toward zero (identical at lam = 0); computed by the same core call on W with the
-    kept columns zeroed. With a held-out split (``ridge_damp="auto"``) every damp of
+    B = ``base`` (d_out, |K|; default W's kept columns, then W x - B x_K = W_P x_P) instead of
+    toward zero (identical at lam = 0); computed by the same core call on W with B subtracted
+    from the kept columns. With a held-out split (``ridge_damp="auto"``) every damp of
     :data:`RIDGE_DAMP_GRID` is fitted on ``stats.fit``, the one of least
     :func:`_held_out_error` on ``stats.held`` (first on ties) is refitted on all rows.
     Returns float64 (weight (d_out, |K|), bias (d_out,)), bias-free fit, and the damp used.
     """
     kept = np.asarray(kept_cols, dtype=np.int64)
+    base = w64[:, kept] if base is None else base
     target = w64
     if config.recovery == "ridge-delta":
         target = w64.copy()
-        target[:, kept] = 0.0
+        target[:, kept] -= base
 
     def fit(moments, damp):
         weight, bias = _core.ridge_reconstruct(moments, target, kept.tolist(), damp)
         weight = np.asarray(weight)
-        return (w64[:, kept] + weight if config.recovery == "ridge-delta" else weight), np.asarray(bias)
+        return (base + weight if config.recovery == "ridge-delta" else weight), np.asarray(bias)
 
     if stats.held is None:
         return (*fit(stats.fit, config.ridge_damp), config.ridge_damp)

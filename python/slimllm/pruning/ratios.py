@@ -52,7 +52,9 @@ class LayerSpec:
     """What the parameter count of one decoder block's projections depends on.
 
     ``num_heads`` H, ``num_kv_heads`` G, ``head_dim`` h, ``intermediate_size`` F,
-    ``hidden_size`` d, and which projections carry a bias.
+    ``hidden_size`` d, which projections carry a bias, and ``width_norms``: the projections
+    (``"q_proj"``, ``"k_proj"``) whose whole output a norm with one weight per row normalises
+    (OLMo 2's q_norm / k_norm, sliced with the heads).
     """
 
     num_heads: int
@@ -67,6 +69,7 @@ class LayerSpec:
     gate_bias: bool = False
     up_bias: bool = False
     down_bias: bool = False
+    width_norms: tuple[str, ...] = ()
 
 
 @dataclass
@@ -147,6 +150,7 @@ def layer_specs(model, adapter) -> list[LayerSpec]:
                 intermediate_size=shape.intermediate_size,
                 hidden_size=adapter.projection(layer, "o_proj")[0].out_features,
                 **{f"{name.removesuffix('_proj')}_bias": has for name, has in biased.items()},
+                width_norms=tuple(projection for _, projection in adapter.width_norms),
             )
         )
     return specs
@@ -161,14 +165,17 @@ def linear_parameters(
     down_bias_added: bool = False,
 ) -> int:
     """Parameters of the seven projections (q, k, v, o, gate, up, down) of a block after the
-    given removals. Norms (and Qwen3's per-head q_norm/k_norm of size h) are not affected by
-    pruning and not counted here."""
+    given removals, plus the norms over a projection's whole output (``spec.width_norms``, one
+    weight per row: OLMo 2's q_norm / k_norm). Other norms (and Qwen3's per-head q_norm/k_norm
+    of size h) are not affected by pruning and not counted here."""
     d, h = spec.hidden_size, spec.head_dim
     q = (spec.num_heads - heads_removed) * h
     kv = (spec.num_kv_heads - kv_heads_removed) * h
     f = spec.intermediate_size - channels_removed
-    n = q * d + q * spec.q_bias
+    norms = spec.width_norms
+    n = q * d + q * spec.q_bias + q * ("q_proj" in norms)
     n += 2 * kv * d + kv * spec.k_bias + kv * spec.v_bias
+    n += kv * ("k_proj" in norms) + kv * ("v_proj" in norms)
     n += d * q + d * (spec.o_bias or o_bias_added)
     n += 2 * f * d + f * spec.gate_bias + f * spec.up_bias
     n += d * f + d * (spec.down_bias or down_bias_added)

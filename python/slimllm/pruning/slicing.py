@@ -82,6 +82,15 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: to
     return new
 
 
+def _slice_norm(norm: nn.Module, rows: torch.Tensor) -> None:
+    """Keep the entries ``rows`` of a norm's ``weight`` (and ``bias`` where it has one)."""
+    for name in ("weight", "bias"):
+        param = getattr(norm, name, None)
+        if param is not None:
+            kept = param.detach().index_select(0, rows.to(param.device)).contiguous()
+            setattr(norm, name, nn.Parameter(kept, requires_grad=param.requires_grad))
+
+
 def _make_head_dim_explicit(attn: nn.Module, head_dim: int) -> None:
     config = getattr(attn, "config", None)
     if config is not None and getattr(config, "head_dim", None) != head_dim:
@@ -130,11 +139,14 @@ def keep_heads(
     ``adapter.layer_config_fields`` (Phi-3) the attention module's ``config`` becomes a
     per-layer view with H' / G' (:class:`slimllm.families.modeling_slimllm.LayerConfig`);
     ``config.head_dim`` becomes explicit. Qwen3's ``q_norm``/``k_norm`` (size head_dim,
-    shared by heads) are untouched.
+    shared by heads) are untouched; norms over a projection's whole output
+    (``adapter.width_norms``, OLMo 2's ``q_norm``/``k_norm``) keep the weight entries of that
+    projection's kept rows.
 
     Raises:
         InvalidCountError: empty, duplicate or out-of-range indices; kept query heads of a
             dropped KV head; KV groups left with different numbers of query heads.
+        ShapeMismatchError: a width norm whose size is not its projection's output count.
     """
     attn = adapter.attention(layer)
     shape = adapter.layer_shape(layer)
@@ -165,12 +177,23 @@ def keep_heads(
 
     from slimllm.families.modeling_slimllm import set_attention_heads
 
+    for norm_name, projection in adapter.width_norms:
+        width = getattr(attn, norm_name).weight.shape[0]
+        rows = adapter.projection(layer, projection)[1]
+        if width != rows.stop - rows.start:
+            raise ShapeMismatchError(
+                f"{norm_name} has {width} weights, {projection} {rows.stop - rows.start} outputs"
+            )
+
     q_rows = head_rows(heads, h)
     kept_rows = {"q_proj": q_rows}
     if len(kv_heads) != num_kv:
         kv_rows = head_rows(kv_heads, h)
         kept_rows |= {"k_proj": kv_rows, "v_proj": kv_rows}
     _slice_layer(adapter, layer, shape, kept_rows, "o_proj", q_rows)
+    for norm_name, projection in adapter.width_norms:
+        if projection in kept_rows:
+            _slice_norm(getattr(attn, norm_name), kept_rows[projection])
     set_attention_heads(attn, len(heads), len(kv_heads), adapter.layer_config_fields)
     _make_head_dim_explicit(attn, h)
 
