@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from saved import folder_tensors
 
 from slimllm import _core
 
@@ -29,13 +29,6 @@ def _cli(*args, processes: int = 1, batch_size: int = 2):
            "--seq-len", "24", "--batch-size", str(batch_size), "--no-progress", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
-
-
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +158,7 @@ def test_two_gloo_processes_match_one(dense, tmp_path, recovery):
             assert a[key] == b[key], key
         assert a["importance"] == pytest.approx(b["importance"], rel=1e-9)
         assert a["layer_cosine"] == pytest.approx(b["layer_cosine"], rel=1e-9)
-    t1, t2 = _tensors(tmp_path / "one"), _tensors(tmp_path / "two")
+    t1, t2 = folder_tensors(tmp_path / "one"), folder_tensors(tmp_path / "two")
     assert t1.keys() == t2.keys()
     worst = max(float((t1[k] - t2[k]).abs().max() / t1[k].abs().max().clamp_min(1e-30)) for k in t1)
     print(f"{recovery}: worst relative tensor difference {worst:.3e}")

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from saved import folder_tensors
 
 from slimllm.errors import ConfigError, UnsupportedArchitectureError
 from slimllm.families.adapters import get_adapter
@@ -253,8 +254,6 @@ def test_streamed_save_plans_the_sliced_norms(make_tiny_model, tiny_tokenizer, t
     """A resumable prune decides the saved layout before any block changes: the streamed
     output (save_pruned_from_state) holds exactly the tensors save_pruned writes, sliced
     q_norm / k_norm (MHA: both) included."""
-    from safetensors.torch import load_file
-
     from slimllm.io.streaming import save_pruned_from_state
     from slimllm.pruning.resume import PruneState
 
@@ -265,13 +264,7 @@ def test_streamed_save_plans_the_sliced_norms(make_tiny_model, tiny_tokenizer, t
     checkpoint.save_pruned(model, None, tmp_path / "ref", report)
     save_pruned_from_state(model, None, tmp_path / "got", report, PruneState.open(tmp_path / "state"))
 
-    def tensors(folder):
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
-
-    ref, got = tensors(tmp_path / "ref"), tensors(tmp_path / "got")
+    ref, got = folder_tensors(tmp_path / "ref"), folder_tensors(tmp_path / "got")
     assert got.keys() == ref.keys()
     for name in ref:
         assert torch.equal(got[name], ref[name]), name

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+
+from saved import folder_tensors
 
 from slimllm.errors import CheckpointError, ConfigError
 from slimllm.io import gguf_export
@@ -152,9 +153,7 @@ def test_cli_keeps_the_source_dtype_and_matches_eager(make_tiny_model, tiny_toke
     calib = _calib_file(tmp_path / "calib.txt")
     run = _cli("--model", folder, "--output", tmp_path / "bf16", "--ratio", 0.3, "--calib-file", calib)
     assert run.returncode == 0, run.stderr
-    saved = {}
-    for path in (tmp_path / "bf16").glob("*.safetensors"):
-        saved.update(load_file(str(path)))
+    saved = folder_tensors(tmp_path / "bf16")
     assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
     import json
 
@@ -162,9 +161,7 @@ def test_cli_keeps_the_source_dtype_and_matches_eager(make_tiny_model, tiny_toke
     run = _cli("--model", folder, "--output", tmp_path / "f32", "--ratio", 0.3, "--calib-file", calib,
                "--dtype", "float32")
     assert run.returncode == 0, run.stderr
-    f32 = {}
-    for path in (tmp_path / "f32").glob("*.safetensors"):
-        f32.update(load_file(str(path)))
+    f32 = folder_tensors(tmp_path / "f32")
     assert f32.keys() == saved.keys()
     for name, t in f32.items():  # the bf16 run is the float32 one rounded once at the end
         assert t.dtype == torch.float32 and torch.equal(t.to(torch.bfloat16), saved[name]), name
@@ -212,8 +209,6 @@ def test_lazy_resume_gives_identical_tensors(make_tiny_model, tiny_tokenizer, tm
     interruption, and its streamed output (save_pruned_from_state) holds exactly the tensors
     save_pruned writes for the same prune kept in memory (phi3: the layout planned from fused
     modules' biases)."""
-    from safetensors.torch import load_file
-
     from slimllm.io.checkpoint import save_pruned
     from slimllm.io.streaming import save_pruned_from_state
 
@@ -246,13 +241,7 @@ def test_lazy_resume_gives_identical_tensors(make_tiny_model, tiny_tokenizer, tm
     save_pruned(reference, None, tmp_path / "ref", ref_report)
     save_pruned_from_state(resumed, None, tmp_path / "got", report, PruneState.open(tmp_path / "state"))
 
-    def tensors(folder):
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
-
-    ref, got = tensors(tmp_path / "ref"), tensors(tmp_path / "got")
+    ref, got = folder_tensors(tmp_path / "ref"), folder_tensors(tmp_path / "got")
     assert got.keys() == ref.keys()
     for name in ref:
         assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], ref[name]), name

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from saved import folder_tensors
 
 from slimllm.errors import CheckpointError, ConfigError
 from slimllm.pruning.pipeline import PruneConfig, prune_model
@@ -244,13 +244,6 @@ def _prune_cli(args, killer=None):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory, make_tiny_model, tiny_tokenizer):
     """A saved 4-layer tiny Llama, a calibration file and an uninterrupted CLI prune of it."""
@@ -327,7 +320,7 @@ def test_sigkilled_cli_run_resumes_to_identical_output(cli_setup, tmp_path, kill
     assert not state_dir.exists()
     assert not list(tmp_path.glob(".pruned.slimllm-tmp-*"))
 
-    want, got = _tensors(root / "reference"), _tensors(out)
+    want, got = folder_tensors(root / "reference"), folder_tensors(out)
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert torch.equal(got[key], value), key
@@ -391,6 +384,6 @@ def test_cli_resume_without_state_starts_afresh(cli_setup, tmp_path):
     run = _prune_cli([*args, "--output", tmp_path / "fresh", "--resume"])
     assert run.returncode == 0, run.stderr
     assert "resumed" not in run.stdout
-    want, got = _tensors(root / "reference"), _tensors(tmp_path / "fresh")
+    want, got = folder_tensors(root / "reference"), folder_tensors(tmp_path / "fresh")
     assert all(torch.equal(got[k], v) for k, v in want.items())
     assert not (tmp_path / "fresh.partial").exists()
