@@ -386,7 +386,7 @@ def torch_pruning_status(timeout: float = 120.0) -> str:
 
 def main(argv=None) -> int:
     """Prune the model with one baseline and print perplexity: a quick standalone check."""
-    from slimllm.pruning.calibration import load_calibration
+    from slimllm.pruning.calibration import FILE_SAMPLES, load_calibration
     from slimllm.io.checkpoint import load_model
     from slimllm.evaluation.evaluate import evaluate_perplexity
 
@@ -395,7 +395,8 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=METHODS, default="flap")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of all parameters to remove")
     p.add_argument("--calib", default=None, help="calibration .jsonl/.txt (default: shared C4 sample)")
-    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=FILE_SAMPLES,
+                   help=f"calibration sequences (default: prune's, {FILE_SAMPLES})")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)

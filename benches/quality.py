@@ -289,6 +289,8 @@ def plots(results: list[dict], out: Path) -> list[str]:
 
 
 def parse_args(argv=None):
+    from slimllm.pruning.calibration import FILE_SAMPLES
+
     p = argparse.ArgumentParser(
         description="SmolLM2-135M quality bench: slimllm, ablations and baselines",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -300,7 +302,8 @@ def parse_args(argv=None):
                    help="comma-separated subset of: " + ", ".join(SHORT) + " (or 'all')")
     p.add_argument("--data-dir", default=None, help="shared data folder (default: $SLIMLLM_DATA_DIR or ../shared/data)")
     p.add_argument("--calib", default=None, help="calibration .jsonl (default: DATA/c4/c4_sample.jsonl)")
-    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--num-samples", type=int, default=FILE_SAMPLES,
+                   help=f"calibration sequences (default: prune's, {FILE_SAMPLES})")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-windows", type=int, default=32,

@@ -674,6 +674,28 @@ def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path, arch, head_di
     assert count_parameters(reloaded) == report["parameters"]["counted_after"]
 
 
+def test_cli_default_number_of_calibration_sequences(make_tiny_model, tiny_tokenizer, tmp_path):
+    """Without --num-samples: 128 sequences from a calibration file (the windows load_calibration
+    draws by default), 32 when self-calibrating (issue 14)."""
+    from slimllm.pruning.calibration import FILE_SAMPLES, SELF_SAMPLES, load_calibration
+
+    assert (FILE_SAMPLES, SELF_SAMPLES) == (128, 32)
+    dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
+    src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
+    calib_file = _calib_text(tmp_path / "calib.txt", repeats=200)
+    common = ("--model", src, "--ratio", 0.2, "--seq-len", 8, "--batch-size", 32, "--no-progress")
+    from_file = _cli(*common, "--output", tmp_path / "file", "--calib-file", calib_file)
+    assert from_file.returncode == 0, from_file.stderr
+    report = json.loads((tmp_path / "file" / "slimllm_report.json").read_text())
+    assert report["calibration"]["num_samples"] == 128
+    drawn = load_calibration(tiny_tokenizer, calib_file, seq_len=8).description
+    assert drawn.items() <= report["calibration"].items() and report["calibration"]["tokens"] == 128 * 8
+    self_run = _cli(*common, "--output", tmp_path / "self")
+    assert self_run.returncode == 0, self_run.stderr
+    report = json.loads((tmp_path / "self" / "slimllm_report.json").read_text())
+    assert report["calibration"]["kind"] == "self" and report["calibration"]["num_samples"] == 32
+
+
 def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_tokenizer, tmp_path):
     """No calibration source: the sequences are sampled from the model (issue 4, item 1), and
     the result equals an in-memory prune on the same self-generated sequences."""

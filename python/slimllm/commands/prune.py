@@ -40,6 +40,7 @@ def _damp(text: str) -> float | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``prune`` (every default shown by ``--help``)."""
+    from slimllm.pruning.calibration import FILE_SAMPLES, SELF_SAMPLES
     from slimllm.pruning.pipeline import PruneConfig
 
     d = PruneConfig.__dataclass_fields__
@@ -136,8 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--calib-split", default="train", help="split of --calib-dataset")
     calib.add_argument("--calib-text-field", default="text",
                        help="text field of .jsonl lines / dataset rows")
-    calib.add_argument("--num-samples", type=int, default=32, metavar="N",
-                       help="number of calibration sequences")
+    calib.add_argument("--num-samples", type=int, default=None, metavar="N",
+                       help=f"number of calibration sequences (default: {FILE_SAMPLES} from a file "
+                            f"or dataset, {SELF_SAMPLES} self-generated)")
     calib.add_argument("--seq-len", type=int, default=128, metavar="L",
                        help="tokens per calibration sequence")
     calib.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
@@ -157,7 +159,13 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from slimllm.pruning.calibration import load_calibration, read_documents, self_generated
+    from slimllm.pruning.calibration import (
+        FILE_SAMPLES,
+        SELF_SAMPLES,
+        load_calibration,
+        read_documents,
+        self_generated,
+    )
     from slimllm.io.checkpoint import check_output_folder
     from slimllm.errors import CalibrationError, CheckpointError, ConfigError
     from slimllm.pruning.pipeline import PruneConfig
@@ -204,6 +212,8 @@ def run(args: argparse.Namespace) -> int:
             "give one calibration source: --calib self, --calib-file or --calib-dataset"
         )
     self_calibration = not sources or args.calib == "self"
+    if args.num_samples is None:
+        args.num_samples = SELF_SAMPLES if self_calibration else FILE_SAMPLES
     if args.calib_file is not None:
         read_documents(args.calib_file, args.calib_text_field)  # fail before loading the model
     if args.num_samples < 1 or args.seq_len < 1:
