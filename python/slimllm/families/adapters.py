@@ -60,6 +60,8 @@ Checkpoints slimllm saves with per-layer shapes use the model types ``slimllm_<f
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,9 +129,15 @@ _OWNER = {name: "self_attn" for name in ("q_proj", "k_proj", "v_proj", "o_proj")
 }
 
 
-def _rows_and_inputs(shape: LayerShape, hidden: int, name: str) -> tuple[int, int]:
-    """(output rows, input features) of the logical projection ``name`` of a layer of
-    ``shape`` with hidden size ``hidden`` (DESIGN.md notation)."""
+def projection_size(shape: LayerShape, hidden: int, name: str) -> tuple[int, int]:
+    """(output rows, input features) of the logical projection ``name`` (``"q_proj"`` ...
+    ``"down_proj"``) of a decoder layer of ``shape`` with hidden size ``hidden``, as a Linear
+    module of its own (DESIGN.md notation): q H*h x d, k/v G*h x d, o d x H*h, gate/up F x d,
+    down d x F.
+
+    Raises:
+        KeyError: ``name`` is not a logical projection.
+    """
     q, kv, f = shape.attention_width, shape.kv_width, shape.intermediate_size
     return {
         "q_proj": (q, hidden),
@@ -165,11 +173,16 @@ class ModelAdapter:
     #: (:class:`slimllm.families.modeling_slimllm.LayerConfig`)
     layer_config_fields: tuple[str, ...] = ()
 
-    def linear_modules(self) -> dict[str, tuple[str, ...]]:
+    def linear_modules(self) -> Mapping[str, tuple[str, ...]]:
         """The Linear modules of a decoder layer, ``"self_attn.q_proj"`` ... ``"mlp.down_proj"``
         (owner and attribute, as in the state dict) -> the logical projections each holds, in
         row order (a plain module: itself; Phi-3's ``"self_attn.qkv_proj"``: ``("q_proj",
-        "k_proj", "v_proj")``). Attention modules first, in q ... down order."""
+        "k_proj", "v_proj")``). Attention modules first, in q ... down order. Read-only, built
+        once per adapter from its class attributes."""
+        return self._linear_table
+
+    @functools.cached_property
+    def _linear_table(self) -> Mapping[str, tuple[str, ...]]:
         fused = {f.parts[0]: f for f in self.fused_projections}
         inside = {p for f in self.fused_projections for p in f.parts}
         out: dict[str, tuple[str, ...]] = {}
@@ -178,7 +191,7 @@ class ModelAdapter:
                 out[f"{_OWNER[name]}.{fused[name].module}"] = fused[name].parts
             elif name not in inside:
                 out[f"{_OWNER[name]}.{name}"] = (name,)
-        return out
+        return types.MappingProxyType(out)
 
     def _holder(self, name: str) -> tuple[str, tuple[str, ...]]:
         """``(qualified Linear module, its parts)`` holding the logical projection ``name``."""
@@ -204,14 +217,14 @@ class ModelAdapter:
         its parts' outputs stacked."""
         out = {}
         for qualified, parts in self.linear_modules().items():
-            sizes = [_rows_and_inputs(shape, hidden, p) for p in parts]
+            sizes = [projection_size(shape, hidden, p) for p in parts]
             out[qualified] = (sizes[0][1], sum(rows for rows, _ in sizes))
         return out
 
     def _part_offsets(self, shape: LayerShape, hidden: int, parts: tuple[str, ...]) -> dict[str, slice]:
         start, out = 0, {}
         for p in parts:
-            rows = _rows_and_inputs(shape, hidden, p)[0]
+            rows = projection_size(shape, hidden, p)[0]
             out[p] = slice(start, start + rows)
             start += rows
         return out

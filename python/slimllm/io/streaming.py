@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from slimllm.errors import CheckpointError
-from slimllm.families.adapters import LayerShape, get_adapter
+from slimllm.families.adapters import LayerShape, get_adapter, projection_size
 from slimllm.io.checkpoint import (
     _per_layer_config,
     _report_text,
@@ -127,10 +127,9 @@ def _planned_key_shapes(adapter: Any, prefix: str, index: int, layer: nn.Module,
         out.pop(f"{key}.bias", None)
         if proj in biases:
             out[f"{key}.bias"] = (out_features,)
-    widths = {"q_proj": shape.attention_width, "k_proj": shape.kv_width, "v_proj": shape.kv_width}
     for norm, proj in adapter.width_norms:
         key = f"{prefix}.{index}.{names[id(getattr(adapter.attention(layer), norm))]}.weight"
-        out[key] = (widths[proj],)
+        out[key] = (projection_size(shape, hidden, proj)[0],)
     return out
 
 
