@@ -183,6 +183,19 @@ def test_non_uniform_round_trip(make_tiny_model, tiny_tokenizer, tmp_path, arch,
         assert {"q_proj", "k_proj", "v_proj"} <= set(biases)
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_per_layer_folder_with_bad_layer_shape_is_a_checkpoint_error(make_tiny_model, tiny_tokenizer, tmp_path, arch):
+    """A per-layer config.json whose layer 1 lists 3 query heads over 2 KV heads does not load:
+    the error names the layer entry and what is wrong with it."""
+    model = _prune(make_tiny_model(arch, layers=3), uniform=False, seed=TINY_ARCHS.index(arch))
+    out = checkpoint.save_pruned(model, tiny_tokenizer, tmp_path / "out", {"arch": arch})
+    config = _config(out)
+    config["slimllm_layers"][1].update(num_heads=3, num_kv_heads=2)
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"slimllm_layers\[1\]: 3 query heads are not a multiple of 2"):
+        checkpoint.load_pruned(out)
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"])
 def test_uniform_with_biases_the_stock_family_lacks_uses_per_layer(make_tiny_model, tiny_tokenizer, tmp_path, arch):
     model = _prune(make_tiny_model(arch, num_heads=4, num_kv_heads=2), uniform=True)
