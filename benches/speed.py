@@ -10,7 +10,10 @@ inference speed of the pruned models.
    stage is sampled every ``--rss-interval`` seconds by a background thread that reads the
    stage the pipeline is in (its ``_Timings`` stack: a private detail, see README) and
    ``/proc/self/status``; the overall peak is the kernel's exact VmHWM.
-3. Inference: prefill and greedy-decode tokens/s, dense vs every pruned model side by side
+3. Self-calibration: the time to sample ``--self-calib-samples`` sequences of ``--seq-len``
+   tokens from the dense model at each ``--self-calib-batches`` batch size (prune's
+   ``--calib-batch-size``), one after another on the same model and seed.
+4. Inference: prefill and greedy-decode tokens/s, dense vs every pruned model side by side
    (``slimllm.evaluation.evaluate.compare_speed``: shared prompt, interleaved timed repeats, medians), the
    pruned models loaded back from their saved folders.
 
@@ -159,6 +162,22 @@ def lower_bound(model, calib, batch_size: int) -> dict:
     return {"seconds": seconds, "rss_start": start_rss, "peak_rss": hwm()}
 
 
+def self_calibration_speed(model, tokenizer, batches, num_samples: int, seq_len: int, seed: int) -> list[dict]:
+    """Wall time of ``self_generated`` for each batch size in ``batches`` (same model, samples,
+    length and seed), as seconds and milliseconds per generated token."""
+    from slimllm.pruning.calibration import self_generated
+
+    out = []
+    for b in batches:
+        t = time.perf_counter()
+        self_generated(model, tokenizer, num_samples, seq_len, seed, batch_size=b)
+        seconds = time.perf_counter() - t
+        out.append({"batch_size": b, "seconds": seconds,
+                    "ms_per_token": 1000 * seconds / (num_samples * (seq_len - 1))})
+        log(f"self-calibration at batch {b}: {num_samples} x {seq_len} tokens in {seconds:.1f} s")
+    return out
+
+
 def mib(v) -> str:
     return "-" if v is None else f"{v / 2**20:.0f}"
 
@@ -182,6 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--self-calib-batches", default="8,32",
+                   help="--calib-batch-size values timed for self-calibration ('' skips)")
+    p.add_argument("--self-calib-samples", type=int, default=32, help="sequences each one samples")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--speed-batch", type=int, default=1)
@@ -193,6 +215,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.num_samples = min(a.num_samples, 8)
+        a.self_calib_samples = min(a.self_calib_samples, 8)
         a.prompt_len, a.new_tokens, a.repeats = 32, 8, 1
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -219,6 +242,8 @@ def main(argv=None) -> int:
     n_tokens = calib.num_samples * calib.seq_len
     lb = lower_bound(dense, calib, a.batch_size)
     log(f"lower bound: {n_tokens} calibration tokens through the dense model in {lb['seconds']:.2f} s")
+    self_calib = self_calibration_speed(dense, tok, [int(b) for b in a.self_calib_batches.split(",") if b],
+                                        a.self_calib_samples, a.seq_len, a.seed)
     del dense
     gc.collect()
 
@@ -309,6 +334,17 @@ def main(argv=None) -> int:
         + "; the total row is the kernel's exact peak (VmHWM)."
     )
 
+    if self_calib:
+        base = self_calib[0]
+        parts += [
+            "",
+            f"Self-calibration: {a.self_calib_samples} x {a.seq_len} tokens sampled from the dense model",
+            "",
+            table(["--calib-batch-size", "s", "ms / token", f"speed-up vs {base['batch_size']}"],
+                  [[str(r["batch_size"]), f"{r['seconds']:.1f}", f"{r['ms_per_token']:.1f}",
+                    f"{base['seconds'] / r['seconds']:.2f}x"] for r in self_calib]),
+        ]
+
     # ---- inference speed
     dense, _ = load_model(reload_src)
     models = [dense] + [load_pruned(str(saved[r])) for r in ratios]
@@ -341,6 +377,7 @@ def main(argv=None) -> int:
     (out / "speed.json").write_text(json.dumps({
         "lower_bound": lb,
         "calibration_tokens": n_tokens,
+        "self_calibration": self_calib,
         "prunes": results,
         "inference": {lab: s.to_dict() for lab, s in zip(labels, speed)},
         "model_load_seconds": load_s,
