@@ -178,6 +178,7 @@ def test_self_generated_is_model_sampled_and_seeded(make_tiny_model, tiny_tokeni
     assert (a.input_ids[:, 0] == tiny_tokenizer.bos_token_id).all()
     assert (a.input_ids[:, 1:] != tiny_tokenizer.eos_token_id).all()
     assert a.description["kind"] == "self" and a.description["seed"] == 7
+    assert a.description["batch_size"] == 2
     # Sampling follows the model: at a temperature near 0 it is the model's greedy decode.
     cold = self_generated(model, tiny_tokenizer, num_samples=2, seq_len=8, temperature=1e-6)
     prompt = torch.full((2, 1), tiny_tokenizer.bos_token_id)
@@ -191,8 +192,11 @@ def test_self_generated_is_model_sampled_and_seeded(make_tiny_model, tiny_tokeni
     assert torch.equal(cold.input_ids, greedy)
 
 
-def test_self_generated_rejects_bad_temperature(make_tiny_model, tiny_tokenizer):
+def test_self_generated_rejects_bad_temperature_and_batch_size(make_tiny_model, tiny_tokenizer):
     from slimllm.pruning.calibration import self_generated
 
     with pytest.raises(CalibrationError, match="temperature"):
         self_generated(make_tiny_model("llama"), tiny_tokenizer, 2, 8, temperature=0.0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(CalibrationError, match=f"batch_size must be a positive integer, got {bad!r}"):
+            self_generated(make_tiny_model("llama"), tiny_tokenizer, 2, 8, batch_size=bad)

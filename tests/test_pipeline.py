@@ -676,10 +676,10 @@ def test_cli_round_trip(make_tiny_model, tiny_tokenizer, tmp_path, arch, head_di
 
 def test_cli_default_number_of_calibration_sequences(make_tiny_model, tiny_tokenizer, tmp_path):
     """Without --num-samples: 128 sequences from a calibration file (the windows load_calibration
-    draws by default), 32 when self-calibrating (issue 14)."""
-    from slimllm.pruning.calibration import FILE_SAMPLES, SELF_SAMPLES, load_calibration
+    draws by default), 128 when self-calibrating, sampled 32 at a time (issue 14)."""
+    from slimllm.pruning.calibration import FILE_SAMPLES, SELF_BATCH, SELF_SAMPLES, load_calibration
 
-    assert (FILE_SAMPLES, SELF_SAMPLES) == (128, 32)
+    assert (FILE_SAMPLES, SELF_SAMPLES, SELF_BATCH) == (128, 128, 32)
     dense = make_tiny_model("llama", num_heads=4, num_kv_heads=2, layers=2)
     src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
     calib_file = _calib_text(tmp_path / "calib.txt", repeats=200)
@@ -693,7 +693,8 @@ def test_cli_default_number_of_calibration_sequences(make_tiny_model, tiny_token
     self_run = _cli(*common, "--output", tmp_path / "self")
     assert self_run.returncode == 0, self_run.stderr
     report = json.loads((tmp_path / "self" / "slimllm_report.json").read_text())
-    assert report["calibration"]["kind"] == "self" and report["calibration"]["num_samples"] == 32
+    assert report["calibration"]["kind"] == "self" and report["calibration"]["num_samples"] == 128
+    assert report["calibration"]["batch_size"] == 32
 
 
 def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_tokenizer, tmp_path):
@@ -706,11 +707,13 @@ def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_toke
     src = _save_tiny(dense, tiny_tokenizer, tmp_path / "dense")
     out = tmp_path / "pruned"
     run = _cli("--model", src, "--output", out, "--ratio", 0.2, "--num-samples", 4,
-               "--seq-len", 16, "--batch-size", 2, "--seed", 3, "--no-progress")
+               "--seq-len", 16, "--batch-size", 2, "--calib-batch-size", 3, "--seed", 3,
+               "--no-progress")
     assert run.returncode == 0, run.stderr
     report = json.loads((out / "slimllm_report.json").read_text())
     assert report["calibration"]["kind"] == "self" and report["calibration"]["seed"] == 3
-    calib = self_generated(dense, tiny_tokenizer, 4, 16, 3, batch_size=2)
+    assert report["calibration"]["batch_size"] == 3
+    calib = self_generated(dense, tiny_tokenizer, 4, 16, 3, batch_size=3)
     model, _ = prune_model(copy.deepcopy(dense), tiny_tokenizer, calib,
                            PruneConfig(ratio=0.2, batch_size=2, progress=False))
     probe = _ids(dense.config.vocab_size, n=2, seed=11)
@@ -718,13 +721,17 @@ def test_cli_without_calibration_data_self_calibrates(make_tiny_model, tiny_toke
                                rtol=1e-5, atol=1e-6)
     explicit = _cli("--model", src, "--output", tmp_path / "explicit", "--calib", "self",
                     "--ratio", 0.2, "--num-samples", 4, "--seq-len", 16, "--batch-size", 2,
-                    "--seed", 3, "--no-progress")
+                    "--calib-batch-size", 3, "--seed", 3, "--no-progress")
     assert explicit.returncode == 0, explicit.stderr
     assert torch.equal(_logits(load_pruned(tmp_path / "explicit"), probe),
                        _logits(load_pruned(out), probe))
     both = _cli("--model", src, "--output", tmp_path / "x", "--ratio", 0.2, "--calib", "self",
                 "--calib-file", src / "config.json")
     assert both.returncode == 2 and "one calibration source" in both.stderr
+    zero = _cli("--model", src, "--output", tmp_path / "zero", "--ratio", 0.2,
+                "--calib-batch-size", 0)
+    assert zero.returncode == 2 and "--calib-batch-size must be positive" in zero.stderr
+    assert not (tmp_path / "zero").exists()
 
 
 def test_cli_ridge_damp_auto(make_tiny_model, tiny_tokenizer, tmp_path):
@@ -744,7 +751,7 @@ def test_cli_ridge_damp_auto(make_tiny_model, tiny_tokenizer, tmp_path):
     report = json.loads((out / "slimllm_report.json").read_text())
     damps = [e[k] for e in report["layers"] for k in ("o_proj_ridge_damp", "down_proj_ridge_damp")
              if k in e]
-    calib = self_generated(dense, tiny_tokenizer, 8, 16, 1, batch_size=4)
+    calib = self_generated(dense, tiny_tokenizer, 8, 16, 1)
     _, mem = prune_model(copy.deepcopy(dense), tiny_tokenizer, calib,
                          PruneConfig(ratio=0.25, batch_size=4, recovery="ridge-delta",
                                      ridge_damp="auto", progress=False))

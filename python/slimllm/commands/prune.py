@@ -40,7 +40,7 @@ def _damp(text: str) -> float | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``prune`` (every default shown by ``--help``)."""
-    from slimllm.pruning.calibration import FILE_SAMPLES, SELF_SAMPLES
+    from slimllm.pruning.calibration import FILE_SAMPLES, SELF_BATCH, SELF_SAMPLES
     from slimllm.pruning.pipeline import PruneConfig
 
     d = PruneConfig.__dataclass_fields__
@@ -126,6 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--calib", choices=["self"], default=None,
                        help="'self': sample the calibration sequences from the model's own "
                             "distribution (the default when no file or dataset is given)")
+    calib.add_argument("--calib-batch-size", type=int, default=SELF_BATCH, metavar="B",
+                       help="sequences self-calibration samples at once (the draw depends on it; "
+                            "the KV cache holds B x L tokens of every layer)")
     calib.add_argument("--calib-temperature", type=float, default=1.0,
                        help="sampling temperature of --calib self")
     calib.add_argument("--calib-file", default=None,
@@ -216,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
         args.num_samples = SELF_SAMPLES if self_calibration else FILE_SAMPLES
     if args.calib_file is not None:
         read_documents(args.calib_file, args.calib_text_field)  # fail before loading the model
-    if args.num_samples < 1 or args.seq_len < 1:
-        raise CalibrationError("--num-samples and --seq-len must be positive")
+    if args.num_samples < 1 or args.seq_len < 1 or args.calib_batch_size < 1:
+        raise CalibrationError("--num-samples, --seq-len and --calib-batch-size must be positive")
 
     from slimllm.io.checkpoint import load_model, remove_interrupted_saves, save_pruned
     from slimllm.io.streaming import save_pruned_from_state
@@ -266,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
             args.num_samples,
             args.seq_len,
             args.seed,
-            batch_size=args.batch_size,
+            batch_size=args.calib_batch_size,
             temperature=args.calib_temperature,
         )
         generator.to("cpu")

@@ -1,5 +1,5 @@
 """Calibration token batches: N sequences of L tokens (DESIGN.md section 1; the paper uses 32 x 128,
-slimllm defaults to 128 x 128 from text and 32 x 128 self-generated: ``FILE_SAMPLES``,
+slimllm defaults to 128 x 128, from text or self-generated: ``FILE_SAMPLES``,
 ``SELF_SAMPLES``).
 
 Sources:
@@ -35,9 +35,15 @@ from slimllm.errors import CalibrationError
 #: C4 tokens give WikiText-2 99.65 (mean of seeds 0/1/2) against 108.29 for the paper's 32 x 128,
 #: for about 2.5x the prune time (benches/README.md, "Default recovery")
 FILE_SAMPLES = 128
-#: default N for self-calibration: every generated token costs a forward of the whole model, so
-#: the paper's 32 (self-generated 32 x 128 already matches C4 32 x 128, benches/README.md)
-SELF_SAMPLES = 32
+#: default N for self-calibration: on SmolLM2-135M at 20%, 128 self-generated x 128 tokens give
+#: WikiText-2 99.08 / PTB 139.92 (mean of seeds 0/1/2) against 104.15 / 145.55 for 32 (seed 0;
+#: benches/README.md, "Self-calibration")
+SELF_SAMPLES = 128
+#: default number of sequences self-calibration samples at once: a decode step reads every
+#: weight of the model whatever the batch, so wider batches cost little more per step (on 2 CPU
+#: cores 128 x 128 tokens took 131 s at 32 against 754 s at 8); the KV cache then holds
+#: ``SELF_BATCH x L`` tokens of every layer (SmolLM2-135M fp32, L = 128: 0.2 GiB)
+SELF_BATCH = 32
 
 __all__ = [
     "CalibrationSet",
@@ -47,6 +53,7 @@ __all__ = [
     "self_generated",
     "FILE_SAMPLES",
     "SELF_SAMPLES",
+    "SELF_BATCH",
 ]
 
 
@@ -297,7 +304,7 @@ def self_generated(
     seq_len: int = 128,
     seed: int = 0,
     *,
-    batch_size: int = 8,
+    batch_size: int = SELF_BATCH,
     temperature: float = 1.0,
 ):
     """Calibration sequences sampled from the model itself (no dataset needed).
@@ -313,7 +320,8 @@ def self_generated(
         tokenizer: its tokenizer (for the BOS / EOS ids).
         num_samples, seq_len: N and L, as for file calibration.
         seed: seed of the sampling.
-        batch_size: sequences generated at once.
+        batch_size: sequences generated at once (the draw depends on it: the same seed with
+            another ``batch_size`` gives other sequences).
         temperature: sampling temperature (> 0).
 
     Returns:
@@ -321,11 +329,14 @@ def self_generated(
         ``description`` ``{"source": "self", "kind": "self", ...}``.
 
     Raises:
-        CalibrationError: bad counts or temperature, or a tokenizer with neither BOS nor EOS.
+        CalibrationError: bad counts, batch size or temperature, or a tokenizer with neither
+            BOS nor EOS.
     """
     import torch
 
     _check_counts(num_samples, seq_len)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CalibrationError(f"self-calibration batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise CalibrationError(f"self-calibration temperature must be > 0, got {temperature!r}")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -358,6 +369,7 @@ def self_generated(
         "num_samples": num_samples,
         "seq_len": seq_len,
         "seed": seed,
+        "batch_size": batch_size,
         "temperature": float(temperature),
     }
     return CalibrationSet(torch.cat(rows, dim=0), description)
