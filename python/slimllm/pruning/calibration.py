@@ -41,7 +41,8 @@ FILE_SAMPLES = 128
 SELF_SAMPLES = 128
 #: default number of sequences self-calibration samples at once: a decode step reads every
 #: weight of the model whatever the batch, so wider batches cost little more per step (on 2 CPU
-#: cores 128 x 128 tokens took 131 s at 32 against 754 s at 8); the KV cache then holds
+#: cores 32 x 128 tokens took 23.2 s at 32 against 60.6 s at 8, side by side in benches/speed.py,
+#: 2.61x); the KV cache then holds
 #: ``SELF_BATCH x L`` tokens of every layer (SmolLM2-135M fp32, L = 128: 0.2 GiB)
 SELF_BATCH = 32
 
