@@ -192,6 +192,20 @@ def test_self_generated_is_model_sampled_and_seeded(make_tiny_model, tiny_tokeni
     assert torch.equal(cold.input_ids, greedy)
 
 
+def test_self_generated_progress_counts_sampled_tokens_and_keeps_the_draw(make_tiny_model, tiny_tokenizer, capsys):
+    from slimllm.pruning.calibration import self_generated
+
+    model = make_tiny_model("llama", seed=4)
+    quiet = self_generated(model, tiny_tokenizer, num_samples=5, seq_len=12, seed=7, batch_size=2, progress=False)
+    assert "self-calibration" not in capsys.readouterr().err
+    shown = self_generated(model, tiny_tokenizer, num_samples=5, seq_len=12, seed=7, batch_size=2, progress=True)
+    assert torch.equal(quiet.input_ids, shown.input_ids)
+    # 5 sequences x 11 sampled tokens, counted step by step over the chunks of 2, 2 and 1
+    states = capsys.readouterr().err.replace("\r", "\n").split("\n")
+    counts = [line.split("|")[2].split()[0] for line in states if line.startswith("self-calibration:")]
+    assert counts[0] == "0/55" and counts[-1] == "55/55"
+
+
 def test_self_generated_rejects_bad_temperature_and_batch_size(make_tiny_model, tiny_tokenizer):
     from slimllm.pruning.calibration import self_generated
 

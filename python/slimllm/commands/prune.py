@@ -141,8 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     calib.add_argument("--calib-text-field", default="text",
                        help="text field of .jsonl lines / dataset rows")
     calib.add_argument("--num-samples", type=int, default=None, metavar="N",
-                       help=f"number of calibration sequences (default: {FILE_SAMPLES} from a file "
-                            f"or dataset, {SELF_SAMPLES} self-generated)")
+                       help="number of calibration sequences (default: "
+                            + (f"{FILE_SAMPLES}, from a file, a dataset or self-generated"
+                               if FILE_SAMPLES == SELF_SAMPLES else
+                               f"{FILE_SAMPLES} from a file or dataset, {SELF_SAMPLES} self-generated") + ")")
     calib.add_argument("--seq-len", type=int, default=128, metavar="L",
                        help="tokens per calibration sequence")
     calib.add_argument("--seed", type=int, default=0, help="seed of the calibration window draw")
@@ -271,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
             args.seed,
             batch_size=args.calib_batch_size,
             temperature=args.calib_temperature,
+            progress=args.progress,
         )
         generator.to("cpu")
         del generator

@@ -307,6 +307,7 @@ def self_generated(
     *,
     batch_size: int = SELF_BATCH,
     temperature: float = 1.0,
+    progress: bool = True,
 ):
     """Calibration sequences sampled from the model itself (no dataset needed).
 
@@ -324,6 +325,8 @@ def self_generated(
         batch_size: sequences generated at once (the draw depends on it: the same seed with
             another ``batch_size`` gives other sequences).
         temperature: sampling temperature (> 0).
+        progress: show a tqdm bar of the sampled tokens (``num_samples * (seq_len - 1)`` in
+            all, advanced at every decode step); it does not change the draw.
 
     Returns:
         CalibrationSet with ``input_ids`` (num_samples, seq_len) int64 on the CPU and
@@ -334,6 +337,8 @@ def self_generated(
             BOS nor EOS.
     """
     import torch
+    from tqdm.auto import tqdm
+    from transformers.generation.streamers import BaseStreamer
 
     _check_counts(num_samples, seq_len)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -347,7 +352,23 @@ def self_generated(
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     rows = []
-    with torch.no_grad():
+    bar = tqdm(total=num_samples * (seq_len - 1), desc="self-calibration", unit="tok",
+               disable=not progress)
+
+    class _Counter(BaseStreamer):
+        # generate() puts the prompt once, then each step's new tokens: count only the latter
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                bar.update(value.shape[0])
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    with torch.no_grad(), bar:
         for first in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - first)
             prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
@@ -362,6 +383,7 @@ def self_generated(
                 min_new_tokens=seq_len - 1,
                 suppress_tokens=None if eos is None else [eos],
                 pad_token_id=eos if eos is not None else start,
+                streamer=_Counter() if progress else None,
             )
             rows.append(out[:, :seq_len].cpu())
     description = {
