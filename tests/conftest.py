@@ -128,6 +128,7 @@ def make_tiny_model(tiny_tokenizer):
         head_dim: int = 16,
         intermediate: int = 96,
         seed: int = 0,
+        extras: dict | None = None,
     ):
         config = configs[arch](
             vocab_size=len(tiny_tokenizer),
@@ -141,7 +142,7 @@ def make_tiny_model(tiny_tokenizer):
             tie_word_embeddings=tied,
             bos_token_id=tiny_tokenizer.bos_token_id,
             eos_token_id=tiny_tokenizer.eos_token_id,
-            **_FAMILY_EXTRAS.get(arch, {}),
+            **{**_FAMILY_EXTRAS.get(arch, {}), **(extras or {})},
             **_layer_types(arch, layers),
         )
         torch.manual_seed(seed)

@@ -31,11 +31,17 @@ from slimllm.pruning.pipeline import PruneConfig, prune_model
 TEXT = "The quick brown fox jumps over the lazy dog. Perplexity measures how well a model predicts text."
 
 
-def _pruned_folder(make_tiny_model, tokenizer, tmp_path, arch="llama", ratios=(0.2, 0.5, 0.3)):
-    model = make_tiny_model(arch, num_heads=4, num_kv_heads=2, layers=len(ratios))
+#: a Phi-3 the GGUF archs hold exactly: whole-head RoPE (the tiny default is Phi-4-mini's 0.75)
+PHI3 = dict(partial_rotary_factor=1.0)
+
+
+def _pruned_folder(make_tiny_model, tokenizer, tmp_path, arch="llama", ratios=(0.2, 0.5, 0.3), extras=None):
+    model = make_tiny_model(arch, num_heads=4, num_kv_heads=2, layers=len(ratios), extras=extras)
     ids = torch.randint(0, model.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
     model, report = prune_model(model, tokenizer, ids, PruneConfig(layer_ratios=list(ratios), progress=False))
-    return save_pruned(model, tokenizer, tmp_path / f"{arch}-pruned", report)
+    # not named after the family: llama.cpp's vocabulary loader special-cases a general.name
+    # (the folder's name) containing "phi3" and looks up a "<|end|>" token the tiny tokenizer lacks
+    return save_pruned(model, tokenizer, tmp_path / "tiny-pruned", report)
 
 
 def _fields(reader):
@@ -113,6 +119,40 @@ def test_per_layer_export_round_trip(make_tiny_model, tiny_tokenizer, tmp_path, 
     if arch == "qwen2":
         assert {f"blk.{i}.attn_{p}.bias" for i in range(3) for p in "qkv"} <= biases
     assert sorted(os.listdir(tmp_path)) == sorted([folder.name, "model.gguf"])
+
+
+def test_phi3_fused_projections_split_into_llama_tensors(make_tiny_model, tiny_tokenizer, tmp_path):
+    """Per-layer Phi-3: qkv_proj rows are attn_q | attn_k | attn_v (q, k RoPE-permuted),
+    gate_up_proj rows ffn_gate | ffn_up, every other tensor as for llama; the sliding window caps
+    the context length."""
+    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path, "phi3",
+                            extras={**PHI3, "sliding_window": 100})
+    out = export_gguf(folder, tmp_path / "model.gguf")
+    model = load_pruned(folder)
+    reader, tensors = _gguf_tensors(out)
+    fields = _fields(reader)
+    assert fields["general.architecture"] == "deci" and fields["deci.context_length"] == 100
+    heads = [tensors[f"blk.{i}.attn_q.weight"][0].shape[0] // 16 for i in range(3)]
+    kv = [tensors[f"blk.{i}.attn_k.weight"][0].shape[0] // 16 for i in range(3)]
+    ffn = [tensors[f"blk.{i}.ffn_gate.weight"][0].shape[0] for i in range(3)]
+    assert (fields["deci.attention.head_count"], fields["deci.attention.head_count_kv"],
+            fields["deci.feed_forward_length"]) == (heads, kv, ffn)
+    assert len(set(zip(heads, kv, ffn))) > 1  # really per-layer
+    seen = set()
+    for key, value in model.state_dict().items():
+        expected = value.numpy()
+        if ".qkv_proj." in key or ".gate_up_proj." in key:
+            idx, suffix = key.split(".")[2], key.rsplit(".", 1)[1]
+            parts = ("attn_q", "attn_k", "attn_v") if ".qkv_proj." in key else ("ffn_gate", "ffn_up")
+            names = [f"blk.{idx}.{p}.{suffix}" for p in parts]
+            rows = [_unpermute(tensors[n][0], 16) if n.split(".")[2] in ("attn_q", "attn_k") else tensors[n][0]
+                    for n in names]
+            np.testing.assert_array_equal(np.concatenate(rows), expected, err_msg=key)
+        else:
+            names = [_hf_name(key)[0]]
+            np.testing.assert_array_equal(tensors[names[0]][0], expected, err_msg=key)
+        seen.update(names)
+    assert seen == set(tensors)
 
 
 def test_uniform_hf_folder_keeps_llama_arch(make_tiny_model, tiny_tokenizer, tmp_path):
@@ -202,9 +242,10 @@ def _load(path, windows):
     return llamacpp.load_gguf(path, n_ctx=int(windows.shape[1]), n_threads=2, logits_all=True)
 
 
-def test_tiny_model_in_llama_cpp(make_tiny_model, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_tiny_model_in_llama_cpp(make_tiny_model, tiny_tokenizer, tmp_path, arch):
     llama_cpp = _llama_cpp()
-    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path)
+    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path, arch, extras=PHI3 if arch == "phi3" else None)
     out = export_gguf(folder, tmp_path / "model.gguf")
     model = load_pruned(folder)
     ids = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
@@ -214,7 +255,7 @@ def test_tiny_model_in_llama_cpp(make_tiny_model, tiny_tokenizer, tmp_path):
     with torch.no_grad():
         ref = model(torch.tensor(windows)).logits.numpy()
     diff = float(np.abs(logits - ref).max())
-    print(f"tiny per-layer llama: max |logits llama.cpp - transformers| = {diff:.2e}")
+    print(f"tiny per-layer {arch}: max |logits llama.cpp - transformers| = {diff:.2e}")
     assert diff < 1e-3
     assert (logits.argmax(-1) == ref.argmax(-1)).all()
     assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == ids

@@ -14,7 +14,9 @@ What the family adds to the Llama layout, and where each is checked:
 - no biases in the stock layout: recovery biases go to the per-layer (remote-code) config
   (``test_checkpoint.py::test_non_uniform_round_trip`` too), a bias-free uniform prune to the
   stock config with explicit ``head_dim``;
-- GGUF export (llama.cpp) is refused with a typed error.
+- GGUF export (llama.cpp): with whole-head RoPE the fused projections are split into llama /
+  deci tensors (``test_export_gguf.py``, logits in llama.cpp itself); Phi-4-mini's partial rotary
+  embedding is refused with a typed error.
 """
 
 from __future__ import annotations
@@ -206,14 +208,14 @@ def test_heads_not_divisible_by_kv_heads_is_a_config_error(make_tiny_model):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_gguf_export_is_refused(make_tiny_model, tiny_tokenizer, tmp_path):
-    """llama.cpp export: phi3 is refused by name with the exportable families listed, and
-    nothing is written."""
+def test_gguf_export_refuses_partial_rotary(make_tiny_model, tiny_tokenizer, tmp_path):
+    """llama.cpp export of a Phi-4-mini-like model (rotary on 12 of 16 dimensions) is refused
+    with the factor named, and nothing is written."""
     model = _phi3(make_tiny_model, layers=2)
     calib = _tokens(model.config.vocab_size, n=4, length=24, seed=3)
     model, report = prune_model(model, None, calib, PruneConfig(ratio=0.3, progress=False))
     out = checkpoint.save_pruned(model, tiny_tokenizer, tmp_path / "out", report)
-    with pytest.raises(UnsupportedArchitectureError, match="supports llama, mistral, qwen2, not 'phi3'.*Phi-3"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"partial rotary embedding \(partial_rotary_factor 0.75\)"):
         export_gguf(out, tmp_path / "phi3.gguf")
     assert not (tmp_path / "phi3.gguf").exists()
 

@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
         from slimllm.families.adapters import get_adapter
         from slimllm.io.gguf_export import check_exportable
 
-        check_exportable(get_adapter(model).name, "--gguf")
+        check_exportable(get_adapter(model).name, model.config, "--gguf")
 
     t0 = time.perf_counter()
     if self_calibration:

@@ -18,8 +18,16 @@ vendors):
 Both loaders create the optional ``blk.N.attn_output.bias`` and ``blk.N.ffn_down.bias``
 (``TENSOR_NOT_REQUIRED``) and their graphs add them (``build_attn(..., wo_b, ...)``,
 ``build_ffn(..., ffn_down_b, ...)``), so slimllm's recovery biases are written as they are.
+phi3 folders are the same block with fused projections: ``qkv_proj`` and ``gate_up_proj`` are
+split by rows into ``attn_q`` / ``attn_k`` / ``attn_v`` and ``ffn_gate`` / ``ffn_up`` (the layer's
+own head counts and width), and go out as ``llama`` / ``deci`` like a llama folder. Phi-3's
+``sliding_window`` (each token attends to the last ``sliding_window`` positions) has no
+counterpart in these archs, so ``{arch}.context_length`` is written as
+``min(max_position_embeddings, sliding_window)``: within that context the window never masks
+anything and the GGUF computes the same function. Partial rotary embedding
+(``partial_rotary_factor`` < 1, Phi-4-mini) and LongRoPE (Phi-3.5, Phi-4-mini) are refused.
 qwen3 (q/k norms), granite (scalar multipliers), the Gemmas (``1 + weight`` norms, GeGLU) and
-phi3 (partial rotary embedding, LongRoPE; fused qkv / gate_up) have no exact counterpart in
+olmo2 (q/k norms over the whole projection, post-norms only) have no exact counterpart in
 ``deci`` and are refused with :class:`UnsupportedArchitectureError`; so are non-default RoPE
 scalings.
 
@@ -61,7 +69,7 @@ OUTTYPES = {
     "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
 }
 #: families that can be exported, and the llama.cpp arch used when every layer has one shape
-EXPORT_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "deci"}
+EXPORT_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "deci", "phi3": "llama"}
 _ROPE_PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")
 
 
@@ -89,6 +97,52 @@ def _rope_theta(config: Any) -> float:
     if theta is None:
         raise CheckpointError("config has no rope_theta")
     return float(theta)
+
+
+def _check_rotary(config: Any) -> None:
+    """Raise UnsupportedArchitectureError for RoPE over part of each head (Phi-4-mini's
+    ``partial_rotary_factor``): llama.cpp's ``llama`` / ``deci`` rotate the whole head."""
+    params = getattr(config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if factor is not None and float(factor) != 1.0:
+        raise UnsupportedArchitectureError(
+            f"partial rotary embedding (partial_rotary_factor {factor}) is not exported to GGUF "
+            "(llama.cpp's llama / deci archs rotate the whole head)"
+        )
+
+
+def _context_length(config: Any) -> int:
+    """``max_position_embeddings``, capped at ``sliding_window`` when the config has one (the
+    archs written have no sliding window; within that context it masks nothing)."""
+    context = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if window is not None and int(window) < context:
+        logger.warning(
+            "sliding_window %d < max_position_embeddings %d: the GGUF's context_length is %d, "
+            "within which the window masks nothing", window, context, window
+        )
+        return int(window)
+    return context
+
+
+def _unfuse(state: dict[str, torch.Tensor], adapter: Any, prefix: str, shapes: list, hidden: int) -> None:
+    """Split every fused Linear module of ``state`` in place (Phi-3: ``self_attn.qkv_proj``,
+    ``mlp.gate_up_proj``) into its logical projections' tensors (``self_attn.q_proj.weight``
+    ...), by rows: each part's own output size in its layer (``projection_size``)."""
+    from slimllm.families.adapters import projection_size
+
+    for i, shape in enumerate(shapes):
+        for qualified, parts in adapter.linear_modules().items():
+            if len(parts) == 1:
+                continue
+            owner = qualified.rsplit(".", 1)[0]
+            sizes = [projection_size(shape, hidden, part)[0] for part in parts]
+            for suffix in ("weight", "bias"):
+                fused = state.pop(f"{prefix}.{i}.{qualified}.{suffix}", None)
+                if fused is None:
+                    continue
+                for part, rows in zip(parts, torch.split(fused, sizes, dim=0), strict=True):
+                    state[f"{prefix}.{i}.{owner}.{part}.{suffix}"] = rows
 
 
 def _source_gguf(folder: Path, vocab_gguf: str | os.PathLike | None) -> Path | None:
@@ -186,15 +240,26 @@ def _convert(name: str, data: np.ndarray, qtype_name: str) -> tuple[np.ndarray, 
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
 
 
-def check_exportable(family: str, where: str) -> None:
-    """Raise UnsupportedArchitectureError unless models of ``family`` (an adapter name) can be
-    written as GGUF (``EXPORT_FAMILIES``); ``where`` prefixes the message."""
+def check_exportable(family: str, config: Any, where: str) -> None:
+    """Raise UnsupportedArchitectureError unless a model of ``family`` (an adapter name) with
+    ``config`` (its transformers config) can be written as GGUF: a family of
+    ``EXPORT_FAMILIES``, default RoPE over whole heads. ``where`` prefixes the message.
+
+    Raises:
+        UnsupportedArchitectureError: as above.
+        CheckpointError: the config has no ``rope_theta``.
+    """
+    try:
+        _rope_theta(config)
+        _check_rotary(config)
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedArchitectureError(f"{where}: {exc}") from None
     if family not in EXPORT_FAMILIES:
         raise UnsupportedArchitectureError(
             f"{where}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r} "
             "(llama.cpp's 'llama' and per-layer 'deci' archs hold the plain Llama block: no q/k "
-            "norms, granite multipliers, Gemma's 1 + weight norms and GeGLU, OLMo 2's post-only "
-            "norm layout, or Phi-3's partial rotary embedding and LongRoPE)"
+            "norms, granite multipliers, Gemma's 1 + weight norms and GeGLU, or OLMo 2's post-only "
+            "norm layout)"
         )
 
 
@@ -205,7 +270,7 @@ def export_gguf(
     vocab_gguf: str | os.PathLike | None = None,
 ) -> Path:
     """Write the model of ``folder`` (a :func:`~slimllm.io.checkpoint.save_pruned` folder,
-    stock or per-layer config, or a plain HF llama / mistral / qwen2 folder) as one GGUF file
+    stock or per-layer config, or a plain HF llama / mistral / qwen2 / phi3 folder) as one GGUF file
     that stock llama.cpp loads and runs (module docstring: arch, layout, tokenizer).
 
     Args:
@@ -224,8 +289,8 @@ def export_gguf(
         ConfigError: unknown ``outtype``.
         CheckpointError: ``output`` exists or its folder does not; ``folder`` is not a
             loadable causal-LM folder; the tokenizer cannot be written; any write failure.
-        UnsupportedArchitectureError: a family other than llama / mistral / qwen2, or a
-            non-default RoPE scaling.
+        UnsupportedArchitectureError: a family other than llama / mistral / qwen2 / phi3, a
+            non-default RoPE scaling, or a partial rotary embedding.
         ShapeMismatchError: a layer whose projections do not fit together.
     """
     import gguf
@@ -243,8 +308,8 @@ def export_gguf(
     source = Path(os.fspath(folder)).expanduser()
     model = load_pruned(source, dtype="float32")
     adapter = get_adapter(model)
-    check_exportable(adapter.name, str(source))
     config = model.config
+    check_exportable(adapter.name, config, str(source))
     layers = adapter.layers(model)
     shapes = [_validate_layer(adapter, i, layer, config.hidden_size) for i, layer in enumerate(layers)]
     head_dim = shapes[0].head_dim
@@ -262,6 +327,7 @@ def export_gguf(
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
+    _unfuse(state, adapter, adapter.layers_prefix(model), shapes, int(config.hidden_size))
     tensors = []
     for key, value in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -279,7 +345,7 @@ def export_gguf(
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(source.absolute().name)
-        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_context_length(_context_length(config))
         writer.add_embedding_length(int(config.hidden_size))
         writer.add_block_count(len(layers))
         writer.add_feed_forward_length(per_layer([s.intermediate_size for s in shapes]))
