@@ -179,7 +179,10 @@ def main(argv=None) -> int:
                          f"{s.prefill_tokens_per_s / d.prefill_tokens_per_s:.2f}x",
                          f"{s.decode_tokens_per_s:.1f}", f"{s.decode_tokens_per_s / d.decode_tokens_per_s:.2f}x",
                          f"{mem / 2**20:.0f}", f"{ppl_hf[n]:.3f}" if ppl_hf else "-", ""])
-    text = (f"Serving: batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens, median of {a.reps}, "
+    from slimllm.evaluation.llamacpp import import_llama_cpp
+
+    text = (f"Serving (llama-cpp-python {import_llama_cpp().__version__}): batch 1, prompt {a.prompt_len}, "
+            f"{a.new_tokens} new tokens, median of {a.reps}, "
             f"{a.threads} threads; ratios vs the first variant ({names[0]}) of the same engine/type; "
             f"WikiText-2 PPL over {a.ppl_windows} x 128 windows; load average {load0[0]:.2f} -> "
             f"{load1[0]:.2f} on {os.cpu_count()} CPUs\n\n"
