@@ -76,6 +76,8 @@ __all__ = [
     "LayerShape",
     "ModelAdapter",
     "get_adapter",
+    "projection_size",
+    "split_fused_state",
     "supported_architectures",
     "model_type_of",
     "REMOTE_MODEL_TYPE_PREFIX",
@@ -148,6 +150,34 @@ def projection_size(shape: LayerShape, hidden: int, name: str) -> tuple[int, int
         "up_proj": (f, hidden),
         "down_proj": (hidden, f),
     }[name]
+
+
+def split_fused_state(
+    state: dict[str, torch.Tensor], adapter: "ModelAdapter", prefix: str, shapes: list[LayerShape], hidden: int
+) -> None:
+    """Split every fused Linear module's tensors in ``state`` (a state dict, modified in place)
+    into its logical projections' (Phi-3: ``{prefix}.{i}.self_attn.qkv_proj.weight`` becomes
+    ``...self_attn.q_proj.weight``, ``k_proj``, ``v_proj``; ``mlp.gate_up_proj`` becomes
+    ``gate_proj``, ``up_proj``), by rows: each part's output size in layer i of shape
+    ``shapes[i]`` (:func:`projection_size`). Biases split the same way; the split tensors are
+    copies (own storage, so safetensors can save them). A family without fused modules leaves
+    ``state`` as it is.
+
+    Raises:
+        RuntimeError: a fused tensor whose rows are not the sum of its parts' (torch.split).
+    """
+    for i, shape in enumerate(shapes):
+        for qualified, parts in adapter.linear_modules().items():
+            if len(parts) == 1:
+                continue
+            owner = qualified.rsplit(".", 1)[0]
+            sizes = [projection_size(shape, hidden, part)[0] for part in parts]
+            for suffix in ("weight", "bias"):
+                fused = state.pop(f"{prefix}.{i}.{qualified}.{suffix}", None)
+                if fused is None:
+                    continue
+                for part, rows in zip(parts, torch.split(fused, sizes, dim=0), strict=True):
+                    state[f"{prefix}.{i}.{owner}.{part}.{suffix}"] = rows.clone()
 
 
 class ModelAdapter:

@@ -57,7 +57,15 @@ import torch
 
 from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 
-__all__ = ["OUTTYPES", "EXPORT_FAMILIES", "check_exportable", "export_gguf", "permute_rope_rows"]
+__all__ = [
+    "OUTTYPES",
+    "EXPORT_FAMILIES",
+    "check_exportable",
+    "check_rotary",
+    "export_gguf",
+    "permute_rope_rows",
+    "unwindowed_context_length",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -99,50 +107,33 @@ def _rope_theta(config: Any) -> float:
     return float(theta)
 
 
-def _check_rotary(config: Any) -> None:
+def check_rotary(config: Any) -> None:
     """Raise UnsupportedArchitectureError for RoPE over part of each head (Phi-4-mini's
-    ``partial_rotary_factor``): llama.cpp's ``llama`` / ``deci`` rotate the whole head."""
+    ``partial_rotary_factor`` < 1, in ``config.rope_parameters`` or on the config): llama.cpp's
+    ``llama`` / ``deci`` rotate the whole head, and the vLLM export is proven with whole-head
+    RoPE only (GGUF and vLLM exports both call this)."""
     params = getattr(config, "rope_parameters", None) or {}
     factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     if factor is not None and float(factor) != 1.0:
         raise UnsupportedArchitectureError(
-            f"partial rotary embedding (partial_rotary_factor {factor}) is not exported to GGUF "
+            f"partial rotary embedding (partial_rotary_factor {factor}) is not exported "
             "(llama.cpp's llama / deci archs rotate the whole head)"
         )
 
 
-def _context_length(config: Any) -> int:
-    """``max_position_embeddings``, capped at ``sliding_window`` when the config has one (the
-    archs written have no sliding window; within that context it masks nothing)."""
+def unwindowed_context_length(config: Any) -> int:
+    """``max_position_embeddings``, capped at ``sliding_window`` when the config has one: the
+    exported archs (llama.cpp's llama / deci, vLLM's Nemotron-NAS) have no sliding window, and
+    within that context it masks nothing (transformers' window: key positions > query - W)."""
     context = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     if window is not None and int(window) < context:
         logger.warning(
-            "sliding_window %d < max_position_embeddings %d: the GGUF's context_length is %d, "
+            "sliding_window %d < max_position_embeddings %d: the exported context length is %d, "
             "within which the window masks nothing", window, context, window
         )
         return int(window)
     return context
-
-
-def _unfuse(state: dict[str, torch.Tensor], adapter: Any, prefix: str, shapes: list, hidden: int) -> None:
-    """Split every fused Linear module of ``state`` in place (Phi-3: ``self_attn.qkv_proj``,
-    ``mlp.gate_up_proj``) into its logical projections' tensors (``self_attn.q_proj.weight``
-    ...), by rows: each part's own output size in its layer (``projection_size``)."""
-    from slimllm.families.adapters import projection_size
-
-    for i, shape in enumerate(shapes):
-        for qualified, parts in adapter.linear_modules().items():
-            if len(parts) == 1:
-                continue
-            owner = qualified.rsplit(".", 1)[0]
-            sizes = [projection_size(shape, hidden, part)[0] for part in parts]
-            for suffix in ("weight", "bias"):
-                fused = state.pop(f"{prefix}.{i}.{qualified}.{suffix}", None)
-                if fused is None:
-                    continue
-                for part, rows in zip(parts, torch.split(fused, sizes, dim=0), strict=True):
-                    state[f"{prefix}.{i}.{owner}.{part}.{suffix}"] = rows
 
 
 def _source_gguf(folder: Path, vocab_gguf: str | os.PathLike | None) -> Path | None:
@@ -251,7 +242,7 @@ def check_exportable(family: str, config: Any, where: str) -> None:
     """
     try:
         _rope_theta(config)
-        _check_rotary(config)
+        check_rotary(config)
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{where}: {exc}") from None
     if family not in EXPORT_FAMILIES:
@@ -295,7 +286,7 @@ def export_gguf(
     """
     import gguf
 
-    from slimllm.families.adapters import get_adapter
+    from slimllm.families.adapters import get_adapter, split_fused_state
     from slimllm.io.checkpoint import _validate_layer, load_pruned
 
     if outtype not in OUTTYPES:
@@ -327,7 +318,7 @@ def export_gguf(
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
-    _unfuse(state, adapter, adapter.layers_prefix(model), shapes, int(config.hidden_size))
+    split_fused_state(state, adapter, adapter.layers_prefix(model), shapes, int(config.hidden_size))
     tensors = []
     for key, value in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -345,7 +336,7 @@ def export_gguf(
     try:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(source.absolute().name)
-        writer.add_context_length(_context_length(config))
+        writer.add_context_length(unwindowed_context_length(config))
         writer.add_embedding_length(int(config.hidden_size))
         writer.add_block_count(len(layers))
         writer.add_feed_forward_length(per_layer([s.intermediate_size for s in shapes]))
