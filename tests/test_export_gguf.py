@@ -35,8 +35,9 @@ TEXT = "The quick brown fox jumps over the lazy dog. Perplexity measures how wel
 PHI3 = dict(partial_rotary_factor=1.0)
 
 
-def _pruned_folder(make_tiny_model, tokenizer, tmp_path, arch="llama", ratios=(0.2, 0.5, 0.3), extras=None):
-    model = make_tiny_model(arch, num_heads=4, num_kv_heads=2, layers=len(ratios), extras=extras)
+def _pruned_folder(make_tiny_model, tokenizer, tmp_path, arch="llama", ratios=(0.2, 0.5, 0.3), extras=None,
+                   tied=False):
+    model = make_tiny_model(arch, num_heads=4, num_kv_heads=2, layers=len(ratios), extras=extras, tied=tied)
     ids = torch.randint(0, model.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
     model, report = prune_model(model, tokenizer, ids, PruneConfig(layer_ratios=list(ratios), progress=False))
     # not named after the family: llama.cpp's vocabulary loader special-cases a general.name
@@ -242,10 +243,14 @@ def _load(path, windows):
     return llamacpp.load_gguf(path, n_ctx=int(windows.shape[1]), n_threads=2, logits_all=True)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "phi3", "granite"])
 def test_tiny_model_in_llama_cpp(make_tiny_model, tiny_tokenizer, tmp_path, arch):
+    """Per-layer tiny models in llama.cpp: llama; phi3 (fused projections split); granite
+    (multipliers 3.0 / 0.2 / 0.5 / 2.5 folded into the weights, tied embeddings: the folded
+    lm_head is written as its own output.weight)."""
     llama_cpp = _llama_cpp()
-    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path, arch, extras=PHI3 if arch == "phi3" else None)
+    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path, arch, extras=PHI3 if arch == "phi3" else None,
+                            tied=arch == "granite")
     out = export_gguf(folder, tmp_path / "model.gguf")
     model = load_pruned(folder)
     ids = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
@@ -353,10 +358,10 @@ def test_prune_cli_writes_gguf(make_tiny_model, tiny_tokenizer, tmp_path):
         assert got[name][1] == qtype
         np.testing.assert_array_equal(got[name][0], data, err_msg=name)
 
-    granite = _save_tiny(make_tiny_model("granite", num_heads=4, num_kv_heads=2, layers=2),
-                         tiny_tokenizer, tmp_path / "granite")
-    bad = _cli("--model", granite, *args[2:], "--output", tmp_path / "g-out", "--gguf", tmp_path / "g.gguf")
-    assert bad.returncode == 2 and "GGUF export supports" in bad.stderr and "'granite'" in bad.stderr
+    gemma = _save_tiny(make_tiny_model("gemma", num_heads=4, num_kv_heads=2, layers=2),
+                       tiny_tokenizer, tmp_path / "gemma")
+    bad = _cli("--model", gemma, *args[2:], "--output", tmp_path / "g-out", "--gguf", tmp_path / "g.gguf")
+    assert bad.returncode == 2 and "GGUF export supports" in bad.stderr and "'gemma'" in bad.stderr
     assert not (tmp_path / "g-out").exists() and not (tmp_path / "g.gguf").exists()
     exists = _cli(*args, "--output", tmp_path / "x-out", "--gguf", tmp_path / "pruned.gguf")
     assert exists.returncode == 2 and "already exists" in exists.stderr

@@ -57,11 +57,13 @@ def _padded_llama(config: dict, state: dict[str, torch.Tensor]):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "granite"])
 def test_per_layer_export_pads_query_heads_exactly(make_tiny_model, tiny_tokenizer, tmp_path, arch):
     import transformers
 
-    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path, arch, extras=PHI3 if arch == "phi3" else None)
+    # granite tied: the folded lm_head (divided by logits_scaling) is its own tensor
+    folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path, arch, extras=PHI3 if arch == "phi3" else None,
+                            tied=arch == "granite")
     pruned = load_pruned(folder)
     out = export_vllm(folder, tmp_path / "vllm")
     config = json.loads((out / "config.json").read_text())
@@ -79,7 +81,11 @@ def test_per_layer_export_pads_query_heads_exactly(make_tiny_model, tiny_tokeniz
         assert block["attention"]["n_heads_in_group"] * kv == 4 and block["ffn"]["intermediate_size"] == ffn
         shapes.append((kv, ffn))
     assert len(set(shapes)) > 1  # really per-layer
-    # kept heads first in each KV group, padded heads zero; the same for o_proj columns
+    # kept heads first in each KV group, padded heads zero; the same for o_proj columns (granite:
+    # its attention and residual multipliers folded in)
+    granite = arch == "granite"
+    q_scale = pruned.config.attention_multiplier * 16 ** 0.5 if granite else 1.0
+    o_scale = pruned.config.residual_multiplier if granite else 1.0
     for i, layer in enumerate(pruned.model.layers):
         attn = layer.self_attn
         if arch == "phi3":
@@ -91,8 +97,8 @@ def test_per_layer_export_pads_query_heads_exactly(make_tiny_model, tiny_tokeniz
         got_q = state[f"model.layers.{i}.self_attn.q_proj.weight"].reshape(kv, 4 // kv, 16, 64)
         got_o = state[f"model.layers.{i}.self_attn.o_proj.weight"].reshape(64, kv, 4 // kv, 16)
         per = heads // kv
-        assert torch.equal(got_q[:, :per].reshape(-1, 64), src_q.detach())
-        assert torch.equal(got_o[:, :, :per].reshape(64, -1), attn.o_proj.weight.detach())
+        assert torch.equal(got_q[:, :per].reshape(-1, 64), src_q.detach() * q_scale)
+        assert torch.equal(got_o[:, :, :per].reshape(64, -1), attn.o_proj.weight.detach() * o_scale)
         assert not got_q[:, per:].any() and not got_o[:, :, per:].any()
     # the padded layout computes the pruned model's function
     ids = torch.randint(0, pruned.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -103,7 +109,9 @@ def test_per_layer_export_pads_query_heads_exactly(make_tiny_model, tiny_tokeniz
     # parameters: the pruned model's plus the recorded padding
     report = json.loads((out / "slimllm_report.json").read_text())["vllm_export"]
     assert report["parameters"] == sum(v.numel() for v in state.values())
-    assert report["parameters"] - report["padding_parameters"] == sum(p.numel() for p in pruned.parameters())
+    untied = pruned.lm_head.weight.numel() if arch == "granite" else 0
+    assert report["parameters"] - report["padding_parameters"] == sum(p.numel() for p in pruned.parameters()) + untied
+    assert config["tie_word_embeddings"] == (arch != "granite" and pruned.config.tie_word_embeddings)
     # what vLLM's nemotron_nas.py reads, through AutoConfig with the folder's config code
     loaded = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
     assert [b.attention.n_heads_in_group for b in loaded.block_configs] == [4 // kv for kv, _ in shapes]
@@ -145,7 +153,7 @@ def test_bad_input_raises_typed_errors_and_leaves_nothing(make_tiny_model, tiny_
     ids = torch.randint(0, qwen3.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     qwen3, report = prune_model(qwen3, None, ids, PruneConfig(layer_ratios=[0.2, 0.5], progress=False))
     q3 = checkpoint.save_pruned(qwen3, tiny_tokenizer, tmp_path / "qwen3", report)
-    with pytest.raises(UnsupportedArchitectureError, match="vLLM export supports llama, mistral, qwen2, phi3, not 'qwen3'"):
+    with pytest.raises(UnsupportedArchitectureError, match="vLLM export supports llama, mistral, qwen2, phi3, granite, not 'qwen3'"):
         export_vllm(q3, tmp_path / "q3-vllm")
     phi4 = make_tiny_model("phi3", layers=2)  # partial_rotary_factor 0.75
     phi4, report = prune_model(phi4, None, ids, PruneConfig(layer_ratios=[0.2, 0.5], progress=False))

@@ -289,6 +289,6 @@ def test_gguf_export_is_refused(make_tiny_model, tiny_tokenizer, tmp_path):
                                 PruneConfig(ratio=0.3, progress=False))
     folder = checkpoint.save_pruned(model, tiny_tokenizer, tmp_path / "pruned", report)
     with pytest.raises(UnsupportedArchitectureError,
-                       match=r"GGUF export supports llama, mistral, qwen2, phi3, not 'olmo2'"):
+                       match=r"GGUF export supports llama, mistral, qwen2, phi3, granite, not 'olmo2'"):
         export_gguf(folder, tmp_path / "out.gguf")
     assert sorted(os.listdir(tmp_path)) == ["pruned"]

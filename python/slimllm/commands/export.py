@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the options of ``export`` on ``parser``."""
     from slimllm.io.gguf_export import OUTTYPES
 
-    parser.add_argument("dir", metavar="DIR", help="a slimllm-pruned folder or a Hugging Face llama/mistral/qwen2/phi3 folder")
+    parser.add_argument("dir", metavar="DIR", help="a slimllm-pruned folder or a Hugging Face llama/mistral/qwen2/phi3/granite folder")
     parser.add_argument("--format", default="gguf", choices=FORMATS,
                         help="gguf: one .gguf file for llama.cpp; vllm: a folder for vLLM "
                              "(per-layer shapes as Nemotron-NAS, trust_remote_code=True)")

@@ -26,10 +26,11 @@ counterpart in these archs, so ``{arch}.context_length`` is written as
 ``min(max_position_embeddings, sliding_window)``: within that context the window never masks
 anything and the GGUF computes the same function. Partial rotary embedding
 (``partial_rotary_factor`` < 1, Phi-4-mini) and LongRoPE (Phi-3.5, Phi-4-mini) are refused.
-qwen3 (q/k norms), granite (scalar multipliers), the Gemmas (``1 + weight`` norms, GeGLU) and
-olmo2 (q/k norms over the whole projection, post-norms only) have no exact counterpart in
-``deci`` and are refused with :class:`UnsupportedArchitectureError`; so are non-default RoPE
-scalings.
+granite folders too: its four scalar multipliers are linear and are folded into the embedding,
+q_proj, o_proj, down_proj and lm_head weights (:func:`fold_multipliers`).
+qwen3 (q/k norms), the Gemmas (``1 + weight`` norms, GeGLU) and olmo2 (q/k norms over the whole
+projection, post-norms only) have no exact counterpart in ``deci`` and are refused with
+:class:`UnsupportedArchitectureError`; so are non-default RoPE scalings.
 
 Layout: q_proj / k_proj rows (and their biases) are permuted per head for llama.cpp's
 "normal" RoPE on consecutive pairs, as ``LlamaModel.permute`` of llama.cpp's
@@ -63,6 +64,7 @@ __all__ = [
     "check_exportable",
     "check_rotary",
     "export_gguf",
+    "fold_multipliers",
     "permute_rope_rows",
     "unwindowed_context_length",
 ]
@@ -77,7 +79,7 @@ OUTTYPES = {
     "q8_0": ("MOSTLY_Q8_0", "Q8_0"),
 }
 #: families that can be exported, and the llama.cpp arch used when every layer has one shape
-EXPORT_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "deci", "phi3": "llama"}
+EXPORT_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "deci", "phi3": "llama", "granite": "llama"}
 _ROPE_PERMUTED = ("self_attn.q_proj", "self_attn.k_proj")
 
 
@@ -134,6 +136,40 @@ def unwindowed_context_length(config: Any) -> int:
         )
         return int(window)
     return context
+
+
+def fold_multipliers(state: dict[str, torch.Tensor], config: Any, family: str, prefix: str, head_dim: int) -> bool:
+    """Fold Granite's scalar multipliers into the weights of ``state`` (a state dict, modified
+    in place), so that the plain Llama block (llama.cpp's ``llama`` / ``deci``, vLLM's
+    Nemotron-NAS) computes the Granite model's function. Granite (transformers'
+    ``modeling_granite``) computes ``embed(ids) * e`` (``embedding_multiplier``), attention
+    scores ``q . k * a`` (``attention_multiplier``, in place of ``head_dim ** -0.5``), residual
+    updates ``h + r * block(h)`` (``residual_multiplier``) and ``lm_head(x) / s``
+    (``logits_scaling``). Folded, all linear maps: the embedding times ``e``; q_proj rows and
+    bias times ``a * sqrt(head_dim)`` (RoPE is linear in q); o_proj and down_proj weights and
+    biases times ``r``; lm_head divided by ``s``, written as its own tensor even when the model
+    ties it to the embedding (the two no longer agree). Other families: nothing to fold.
+
+    Returns:
+        whether anything was folded (the lm_head is then untied).
+    """
+    if family != "granite":
+        return False
+    embed_mult = float(config.embedding_multiplier)
+    q_scale = float(config.attention_multiplier) * head_dim ** 0.5
+    residual = float(config.residual_multiplier)
+    logits = float(config.logits_scaling)
+    embed = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = state.get("lm_head.weight", embed) / logits
+    state["model.embed_tokens.weight"] = embed * embed_mult
+    for i in range(int(config.num_hidden_layers)):
+        for module, scale in (("self_attn.q_proj", q_scale), ("self_attn.o_proj", residual),
+                              ("mlp.down_proj", residual)):
+            for suffix in ("weight", "bias"):
+                key = f"{prefix}.{i}.{module}.{suffix}"
+                if key in state:
+                    state[key] = state[key] * scale
+    return True
 
 
 def _source_gguf(folder: Path, vocab_gguf: str | os.PathLike | None) -> Path | None:
@@ -249,8 +285,7 @@ def check_exportable(family: str, config: Any, where: str) -> None:
         raise UnsupportedArchitectureError(
             f"{where}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r} "
             "(llama.cpp's 'llama' and per-layer 'deci' archs hold the plain Llama block: no q/k "
-            "norms, granite multipliers, Gemma's 1 + weight norms and GeGLU, or OLMo 2's post-only "
-            "norm layout)"
+            "norms, Gemma's 1 + weight norms and GeGLU, or OLMo 2's post-only norm layout)"
         )
 
 
@@ -261,7 +296,7 @@ def export_gguf(
     vocab_gguf: str | os.PathLike | None = None,
 ) -> Path:
     """Write the model of ``folder`` (a :func:`~slimllm.io.checkpoint.save_pruned` folder,
-    stock or per-layer config, or a plain HF llama / mistral / qwen2 / phi3 folder) as one GGUF file
+    stock or per-layer config, or a plain HF llama / mistral / qwen2 / phi3 / granite folder) as one GGUF file
     that stock llama.cpp loads and runs (module docstring: arch, layout, tokenizer).
 
     Args:
@@ -280,7 +315,7 @@ def export_gguf(
         ConfigError: unknown ``outtype``.
         CheckpointError: ``output`` exists or its folder does not; ``folder`` is not a
             loadable causal-LM folder; the tokenizer cannot be written; any write failure.
-        UnsupportedArchitectureError: a family other than llama / mistral / qwen2 / phi3, a
+        UnsupportedArchitectureError: a family other than llama / mistral / qwen2 / phi3 / granite, a
             non-default RoPE scaling, or a partial rotary embedding.
         ShapeMismatchError: a layer whose projections do not fit together.
     """
@@ -319,6 +354,7 @@ def export_gguf(
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
     split_fused_state(state, adapter, adapter.layers_prefix(model), shapes, int(config.hidden_size))
+    fold_multipliers(state, config, adapter.name, adapter.layers_prefix(model), head_dim)
     tensors = []
     for key, value in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))

@@ -17,12 +17,15 @@
   their attention work (the parameter count is recorded in the folder's report). Recovery
   biases: ``attention_bias`` (o_proj, as vLLM's Llama attention reads it), ``qkv_bias``,
   ``mlp_bias``, with zero biases wherever a layer has none. Phi-3's fused ``qkv_proj`` /
-  ``gate_up_proj`` are split into the Llama projections (vLLM re-fuses them on load).
+  ``gate_up_proj`` are split into the Llama projections (vLLM re-fuses them on load); Granite's
+scalar multipliers are folded into the weights
+(:func:`slimllm.io.gguf_export.fold_multipliers`).
   transformers has no ``nemotron-nas`` model type, so the folder carries its config class
   (:mod:`slimllm.families.configuration_decilm`) and vLLM needs ``trust_remote_code=True``;
   no modeling code is involved (vLLM's own implementation runs).
 
-Families: llama, mistral, qwen2, phi3 (the Llama block); partial rotary embedding is refused. A
+Families: llama, mistral, qwen2, phi3, granite (the Llama block); partial rotary embedding is
+refused. A
 sliding window caps ``max_position_embeddings`` at the window, as for the GGUF export.
 """
 
@@ -43,7 +46,7 @@ __all__ = ["VLLM_FAMILIES", "export_vllm"]
 logger = logging.getLogger(__name__)
 
 #: families whose per-layer models vLLM's Nemotron-NAS implementation computes exactly
-VLLM_FAMILIES = ("llama", "mistral", "qwen2", "phi3")
+VLLM_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "granite")
 #: the config module written next to a Nemotron-NAS export
 CONFIG_CODE_NAME = "configuration_decilm.py"
 _AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig"}
@@ -81,7 +84,7 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     Raises:
         CheckpointError: ``output`` exists and is not an empty folder; ``folder`` is not a
             loadable causal-LM folder; any write failure.
-        UnsupportedArchitectureError: a family other than llama / mistral / qwen2 / phi3, or a
+        UnsupportedArchitectureError: a family other than llama / mistral / qwen2 / phi3 / granite, or a
             partial rotary embedding.
         ShapeMismatchError: a layer whose KV heads do not divide the dense query-head count or
             that has more query heads than it (vLLM's DeciLM has that many in every layer).
@@ -99,7 +102,7 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
         read_json,
         write_folder,
     )
-    from slimllm.io.gguf_export import check_rotary, unwindowed_context_length
+    from slimllm.io.gguf_export import check_rotary, fold_multipliers, unwindowed_context_length
 
     out = check_output_folder(output)
     source = Path(os.fspath(folder)).expanduser()
@@ -151,6 +154,7 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # vLLM ties lm_head to embed_tokens
     split_fused_state(state, adapter, prefix, shapes, hidden)
+    untied = fold_multipliers(state, config, adapter.name, prefix, shapes[0].head_dim)
     dtype = next(model.parameters()).dtype
     padding = 0
     for i, s in enumerate(shapes):
@@ -187,6 +191,8 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     from slimllm.families.configuration_decilm import DeciLMConfig
 
     fields = {k: getattr(config, k) for k in _KEPT_FIELDS if hasattr(config, k)}
+    if untied:
+        fields["tie_word_embeddings"] = False
     decilm = DeciLMConfig(
         **fields,
         num_attention_heads=full,
