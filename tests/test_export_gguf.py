@@ -223,6 +223,10 @@ def test_cli_export(make_tiny_model, tiny_tokenizer, tmp_path, capsys):
     folder = _pruned_folder(make_tiny_model, tiny_tokenizer, tmp_path)
     assert main(["export", str(folder), "--format", "gguf", "--outtype", "f16", "--output", str(tmp_path / "m.gguf")]) == 0
     assert (tmp_path / "m.gguf").is_file()
+    # the mode a plain open() gives (the temporary file it was written to was private)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.gguf").stat().st_mode & 0o777 == 0o666 & ~umask
     assert main(["export", str(folder), "--outtype", "f64", "--output", str(tmp_path / "n.gguf")]) == 2
     assert "ConfigError" in capsys.readouterr().err and not (tmp_path / "n.gguf").exists()
 

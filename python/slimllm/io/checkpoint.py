@@ -673,15 +673,20 @@ def remove_interrupted_saves(output_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def _default_permissions(folder: Path) -> None:
-    """Give ``folder`` and its files the modes a plain mkdir / open would (0o777 / 0o666
-    less the umask)."""
+def default_mode(path: Path) -> None:
+    """Give ``path`` (a folder or a file that ``tempfile`` made private) the mode a plain
+    mkdir / open would: 0o777 / 0o666 less the umask."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _default_permissions(folder: Path) -> None:
+    """:func:`default_mode` for ``folder`` and its files."""
+    default_mode(folder)
     for path in folder.iterdir():
         if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
+            default_mode(path)
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, output_dir: str | os.PathLike, report: dict) -> Path:

@@ -322,7 +322,7 @@ def export_gguf(
     import gguf
 
     from slimllm.families.adapters import get_adapter, split_fused_state
-    from slimllm.io.checkpoint import _validate_layer, load_pruned
+    from slimllm.io.checkpoint import _validate_layer, default_mode, load_pruned
 
     if outtype not in OUTTYPES:
         raise ConfigError(f"unknown GGUF outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
@@ -395,6 +395,7 @@ def export_gguf(
         writer.close()
         if out.exists():
             raise CheckpointError(f"output {out} appeared while writing; refusing to overwrite")
+        default_mode(tmp)  # mkstemp made the file private
         os.replace(tmp, out)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
