@@ -308,6 +308,13 @@ class ModelAdapter:
             "for them (model.model.layers)"
         )
 
+    def fold_multipliers(self, state: dict[str, torch.Tensor], config: Any, prefix: str, head_dim: int) -> bool:
+        """Fold the family's scalar multipliers into the tensors of ``state`` (a state dict
+        with layer i's tensors under ``f"{prefix}.{i}."``, modified in place) so that the plain
+        Llama block computes the model's function (for the serving exports). Returns whether
+        anything was folded; the Llama layout has no multipliers, so here nothing is."""
+        return False
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers, a ``ModuleList`` of length ``config.num_hidden_layers``."""
         return self.base_model(model).layers
@@ -402,6 +409,31 @@ class GraniteAdapter(ModelAdapter):
     """Granite: Llama layout with scalar multipliers (untouched by pruning)."""
 
     name = "granite"
+
+    def fold_multipliers(self, state: dict[str, torch.Tensor], config: Any, prefix: str, head_dim: int) -> bool:
+        """Granite (transformers' ``modeling_granite``) computes ``embed(ids) * e``
+        (``embedding_multiplier``), attention scores ``q . k * a`` (``attention_multiplier``,
+        in place of ``head_dim ** -0.5``), residual updates ``h + r * block(h)``
+        (``residual_multiplier``) and ``lm_head(x) / s`` (``logits_scaling``). Folded, all
+        linear maps: the embedding times ``e``; q_proj rows and bias times
+        ``a * sqrt(head_dim)`` (RoPE is linear in q); o_proj and down_proj weights and biases
+        times ``r``; lm_head divided by ``s``, written as its own tensor even when the model
+        ties it to the embedding (the two no longer agree). Returns True."""
+        embed_mult = float(config.embedding_multiplier)
+        q_scale = float(config.attention_multiplier) * head_dim ** 0.5
+        residual = float(config.residual_multiplier)
+        logits = float(config.logits_scaling)
+        embed = state["model.embed_tokens.weight"]
+        state["lm_head.weight"] = state.get("lm_head.weight", embed) / logits
+        state["model.embed_tokens.weight"] = embed * embed_mult
+        for i in range(int(config.num_hidden_layers)):
+            for module, scale in (("self_attn.q_proj", q_scale), ("self_attn.o_proj", residual),
+                                  ("mlp.down_proj", residual)):
+                for suffix in ("weight", "bias"):
+                    key = f"{prefix}.{i}.{module}.{suffix}"
+                    if key in state:
+                        state[key] = state[key] * scale
+        return True
 
 
 class GemmaAdapter(ModelAdapter):

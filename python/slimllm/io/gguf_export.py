@@ -27,7 +27,7 @@ counterpart in these archs, so ``{arch}.context_length`` is written as
 anything and the GGUF computes the same function. Partial rotary embedding
 (``partial_rotary_factor`` < 1, Phi-4-mini) and LongRoPE (Phi-3.5, Phi-4-mini) are refused.
 granite folders too: its four scalar multipliers are linear and are folded into the embedding,
-q_proj, o_proj, down_proj and lm_head weights (:func:`fold_multipliers`).
+q_proj, o_proj, down_proj and lm_head weights (``GraniteAdapter.fold_multipliers``).
 qwen3 (q/k norms), the Gemmas (``1 + weight`` norms, GeGLU) and olmo2 (q/k norms over the whole
 projection, post-norms only) have no exact counterpart in ``deci`` and are refused with
 :class:`UnsupportedArchitectureError`; so are non-default RoPE scalings.
@@ -57,16 +57,14 @@ import numpy as np
 import torch
 
 from slimllm.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
+from slimllm.io.llama_layout import check_rotary, llama_block_state, unwindowed_context_length
 
 __all__ = [
     "OUTTYPES",
     "EXPORT_FAMILIES",
     "check_exportable",
-    "check_rotary",
     "export_gguf",
-    "fold_multipliers",
     "permute_rope_rows",
-    "unwindowed_context_length",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,69 +105,6 @@ def _rope_theta(config: Any) -> float:
     if theta is None:
         raise CheckpointError("config has no rope_theta")
     return float(theta)
-
-
-def check_rotary(config: Any) -> None:
-    """Raise UnsupportedArchitectureError for RoPE over part of each head (Phi-4-mini's
-    ``partial_rotary_factor`` < 1, in ``config.rope_parameters`` or on the config): llama.cpp's
-    ``llama`` / ``deci`` rotate the whole head, and the vLLM export is proven with whole-head
-    RoPE only (GGUF and vLLM exports both call this)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-    if factor is not None and float(factor) != 1.0:
-        raise UnsupportedArchitectureError(
-            f"partial rotary embedding (partial_rotary_factor {factor}) is not exported "
-            "(llama.cpp's llama / deci archs rotate the whole head)"
-        )
-
-
-def unwindowed_context_length(config: Any) -> int:
-    """``max_position_embeddings``, capped at ``sliding_window`` when the config has one: the
-    exported archs (llama.cpp's llama / deci, vLLM's Nemotron-NAS) have no sliding window, and
-    within that context it masks nothing (transformers' window: key positions > query - W)."""
-    context = int(config.max_position_embeddings)
-    window = getattr(config, "sliding_window", None)
-    if window is not None and int(window) < context:
-        logger.warning(
-            "sliding_window %d < max_position_embeddings %d: the exported context length is %d, "
-            "within which the window masks nothing", window, context, window
-        )
-        return int(window)
-    return context
-
-
-def fold_multipliers(state: dict[str, torch.Tensor], config: Any, family: str, prefix: str, head_dim: int) -> bool:
-    """Fold Granite's scalar multipliers into the weights of ``state`` (a state dict, modified
-    in place), so that the plain Llama block (llama.cpp's ``llama`` / ``deci``, vLLM's
-    Nemotron-NAS) computes the Granite model's function. Granite (transformers'
-    ``modeling_granite``) computes ``embed(ids) * e`` (``embedding_multiplier``), attention
-    scores ``q . k * a`` (``attention_multiplier``, in place of ``head_dim ** -0.5``), residual
-    updates ``h + r * block(h)`` (``residual_multiplier``) and ``lm_head(x) / s``
-    (``logits_scaling``). Folded, all linear maps: the embedding times ``e``; q_proj rows and
-    bias times ``a * sqrt(head_dim)`` (RoPE is linear in q); o_proj and down_proj weights and
-    biases times ``r``; lm_head divided by ``s``, written as its own tensor even when the model
-    ties it to the embedding (the two no longer agree). Other families: nothing to fold.
-
-    Returns:
-        whether anything was folded (the lm_head is then untied).
-    """
-    if family != "granite":
-        return False
-    embed_mult = float(config.embedding_multiplier)
-    q_scale = float(config.attention_multiplier) * head_dim ** 0.5
-    residual = float(config.residual_multiplier)
-    logits = float(config.logits_scaling)
-    embed = state["model.embed_tokens.weight"]
-    state["lm_head.weight"] = state.get("lm_head.weight", embed) / logits
-    state["model.embed_tokens.weight"] = embed * embed_mult
-    for i in range(int(config.num_hidden_layers)):
-        for module, scale in (("self_attn.q_proj", q_scale), ("self_attn.o_proj", residual),
-                              ("mlp.down_proj", residual)):
-            for suffix in ("weight", "bias"):
-                key = f"{prefix}.{i}.{module}.{suffix}"
-                if key in state:
-                    state[key] = state[key] * scale
-    return True
 
 
 def _source_gguf(folder: Path, vocab_gguf: str | os.PathLike | None) -> Path | None:
@@ -278,9 +213,9 @@ def check_exportable(family: str, config: Any, where: str) -> None:
     """
     try:
         _rope_theta(config)
-        check_rotary(config)
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(f"{where}: {exc}") from None
+    check_rotary(config, where)
     if family not in EXPORT_FAMILIES:
         raise UnsupportedArchitectureError(
             f"{where}: GGUF export supports {', '.join(EXPORT_FAMILIES)}, not {family!r} "
@@ -321,7 +256,7 @@ def export_gguf(
     """
     import gguf
 
-    from slimllm.families.adapters import get_adapter, split_fused_state
+    from slimllm.families.adapters import get_adapter
     from slimllm.io.checkpoint import _validate_layer, default_mode, load_pruned
 
     if outtype not in OUTTYPES:
@@ -350,11 +285,7 @@ def export_gguf(
         return values[0] if uniform else values
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(layers))
-    state = model.state_dict()
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
-    split_fused_state(state, adapter, adapter.layers_prefix(model), shapes, int(config.hidden_size))
-    fold_multipliers(state, config, adapter.name, adapter.layers_prefix(model), head_dim)
+    state, _ = llama_block_state(model, adapter, shapes)  # a tied lm_head: llama.cpp reuses token_embd
     tensors = []
     for key, value in state.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))

@@ -19,7 +19,7 @@
   ``mlp_bias``, with zero biases wherever a layer has none. Phi-3's fused ``qkv_proj`` /
   ``gate_up_proj`` are split into the Llama projections (vLLM re-fuses them on load); Granite's
 scalar multipliers are folded into the weights
-(:func:`slimllm.io.gguf_export.fold_multipliers`).
+(``GraniteAdapter.fold_multipliers``).
   transformers has no ``nemotron-nas`` model type, so the folder carries its config class
   (:mod:`slimllm.families.configuration_decilm`) and vLLM needs ``trust_remote_code=True``;
   no modeling code is involved (vLLM's own implementation runs).
@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -89,7 +88,7 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
         ShapeMismatchError: a layer whose KV heads do not divide the dense query-head count or
             that has more query heads than it (vLLM's DeciLM has that many in every layer).
     """
-    from slimllm.families.adapters import get_adapter, split_fused_state
+    from slimllm.families.adapters import get_adapter
     from slimllm.io.checkpoint import (
         REPORT_NAME,
         _layer_biases,
@@ -102,37 +101,39 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
         read_json,
         write_folder,
     )
-    from slimllm.io.gguf_export import check_rotary, fold_multipliers, unwindowed_context_length
+    from slimllm.io.llama_layout import check_rotary, llama_block_state, unwindowed_context_length
 
     out = check_output_folder(output)
     source = Path(os.fspath(folder)).expanduser()
     config_dict = read_json(source / "config.json", "model config")
     report_path = source / REPORT_NAME
     report = read_json(report_path, "pruning report") if report_path.is_file() else {}
-    model = load_pruned(source, dtype=config_dict.get("dtype") or "float32")
-    adapter = get_adapter(model)
+    adapter = get_adapter(config_dict)
     if adapter.name not in VLLM_FAMILIES:
         raise UnsupportedArchitectureError(
             f"{source}: the vLLM export supports {', '.join(VLLM_FAMILIES)}, not {adapter.name!r} "
             "(vLLM's Nemotron-NAS model holds the plain Llama block)"
         )
-    config = model.config
-    try:
-        check_rotary(config)
-    except UnsupportedArchitectureError as exc:
-        raise UnsupportedArchitectureError(f"{source}: {exc}") from None
-    tokenizer = load_tokenizer(source)
     if not is_pruned_config(config_dict):
+        # a stock folder: the config alone decides, the weights are copied without being loaded
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        check_rotary(config, str(source))
         logger.info("%s has a stock config: vLLM loads it as %s; copied as is", source, config_dict.get("architectures"))
 
-        def copy_weights(tmp: Path) -> None:
+        def copy_files(tmp: Path) -> None:  # weights, tokenizer, generation config
             for path in source.iterdir():
                 if path.is_file() and path.name not in ("config.json", REPORT_NAME):
                     shutil.copyfile(path, tmp / path.name)
 
         report = {**report, "vllm_export": {"architecture": config_dict.get("architectures"), "padding_parameters": 0}}
-        return write_folder(out, config, str(config.dtype).removeprefix("torch."), tokenizer,
-                            _report_text(report), copy_weights)
+        return write_folder(out, config, str(config.dtype).removeprefix("torch."), None,
+                            _report_text(report), copy_files)
+    model = load_pruned(source, dtype=config_dict.get("dtype") or "float32")
+    config = model.config
+    check_rotary(config, str(source))
+    tokenizer = load_tokenizer(source)
     layers = adapter.layers(model)
     hidden = int(config.hidden_size)
     shapes = [_validate_layer(adapter, i, layer, hidden) for i, layer in enumerate(layers)]
@@ -150,11 +151,7 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     has_mlp = bool(biases & {"gate_proj", "up_proj", "down_proj", "gate_up_proj"})
 
     prefix = adapter.layers_prefix(model)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # vLLM ties lm_head to embed_tokens
-    split_fused_state(state, adapter, prefix, shapes, hidden)
-    untied = fold_multipliers(state, config, adapter.name, prefix, shapes[0].head_dim)
+    state, tied = llama_block_state(model, adapter, shapes)  # tied: vLLM ties lm_head to embed_tokens
     dtype = next(model.parameters()).dtype
     padding = 0
     for i, s in enumerate(shapes):
@@ -191,8 +188,7 @@ def export_vllm(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
     from slimllm.families.configuration_decilm import DeciLMConfig
 
     fields = {k: getattr(config, k) for k in _KEPT_FIELDS if hasattr(config, k)}
-    if untied:
-        fields["tie_word_embeddings"] = False
+    fields["tie_word_embeddings"] = tied
     decilm = DeciLMConfig(
         **fields,
         num_attention_heads=full,
